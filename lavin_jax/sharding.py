@@ -115,7 +115,9 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = No
     ici = _resolve(dict(cfg.mesh), len(devices) // slices, "config.mesh")
     if slices > 1:
         dcn = _resolve(dict(cfg.dcn_mesh), slices, "config.dcn_mesh")
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+        arr = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, allow_split_physical_axes=True
+        )
     else:
         try:
             arr = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)

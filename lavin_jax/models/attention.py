@@ -42,7 +42,7 @@ def rope_tables(positions: jax.Array, head_dim: int) -> tuple[jax.Array, jax.Arr
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates x [B, L, H, D] with tables [B, L, D/2]; each third of D rotates its own half-pairs."""
+    """Rotates x [B, L, H, D] by tables [B, L, D/2]; each third of D rotates its own halves."""
     b, l, h, d = x.shape
     xf = x.astype(jnp.float32).reshape(b, l, h, 3, 2, d // 6)
     x1, x2 = xf[..., 0, :], xf[..., 1, :]
@@ -130,7 +130,7 @@ def attention(
     backend: str = "xla",
     scale: float | None = None,
 ) -> jax.Array:
-    """Segment-masked GQA. q [B, L, H, D], k/v [B, L, Hkv, D], segment_ids [B, L] -> [B, L, H, D]."""
+    """Segment-masked GQA: q [B, L, H, D], k/v [B, L, Hkv, D], segment_ids [B, L] -> like q."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads not a multiple of {k.shape[2]} kv heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
