@@ -1,0 +1,23 @@
+"""Benchmarks: ``python -m lavin_jax.tools.bench {jdit,stvae,pipeline,train} [flags]``.
+
+Each subcommand prints one JSON object with its figures on its last line.
+"""
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "jdit": "lavin_jax.tools.bench_jdit",
+    "stvae": "lavin_jax.tools.bench_stvae",
+}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+        sys.exit(f"usage: python -m lavin_jax.tools.bench {{{','.join(SUBCOMMANDS)}}} [flags]")
+    module = importlib.import_module(SUBCOMMANDS[argv[1]])
+    module.main([argv[0]] + argv[2:])
+
+
+if __name__ == "__main__":
+    main(sys.argv)
