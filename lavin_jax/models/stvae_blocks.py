@@ -1,0 +1,222 @@
+"""Building blocks of the ST-VAE (lavin_jax/models/stvae.py): causal 3D convs, clip-wide
+GroupNorm, latent-conditioned spatial norm, resnets, and the space/time down/up samplers.
+
+Layout everywhere is channels-last ``[B, T, H, W, C]``. Convolution kernels are
+``[kt, kh, kw, C_in, C_out]`` (DHWIO) with logical names ("kernel", "kernel", "kernel",
+"conv_in", "conv_out"); per-frame 2D convs store ``[kh, kw, C_in, C_out]``. Norm statistics are
+f32; everything else runs in the compute ``dtype``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lavin_jax.models.layers import param
+
+# PyTorch's default conv init (kaiming_uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+_TORCH_CONV_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_DN = ("NDHWC", "DHWIO", "NDHWC")
+ACT_NAMES = ("act_batch", "act_frames", "act_height", "act_width", "act_channels")
+
+
+class Conv(nnx.Module):
+    """A 3D conv (``kernel=(kt, kh, kw)``) or a per-frame 2D conv (``kernel=(kh, kw)``).
+
+    ``causal`` time padding repeats the first frame ``kt - 1`` times in front, so output frame t
+    sees input frames <= t only. Space is zero-padded by ``k // 2`` on both sides unless
+    ``pad_hw`` is given as ((top, bottom), (left, right)).
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: tuple[int, ...],
+        *,
+        stride: int = 1,
+        pad_hw: tuple[tuple[int, int], tuple[int, int]] | None = None,
+        param_dtype: jnp.dtype,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.stride = stride
+        names = ("kernel",) * len(kernel) + ("conv_in", "conv_out")
+        shape = tuple(kernel) + (c_in, c_out)
+        self.kernel = param(rngs, _TORCH_CONV_INIT, shape, names, param_dtype)
+        # PyTorch also draws the bias uniform(+-1/sqrt(fan_in)); zeros train just as well.
+        self.bias = param(rngs, nnx.initializers.zeros, (c_out,), ("conv_out",), param_dtype)
+        kh, kw = kernel[-2:]
+        self.pad_hw = pad_hw if pad_hw is not None else ((kh // 2, kh // 2), (kw // 2, kw // 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, H, W, C_in] -> [B, T, H', W', C_out]."""
+        k = self.kernel[...].astype(self.dtype)
+        if k.ndim == 4:  # per-frame 2D conv = 3D conv with a 1-frame kernel
+            k = k[None]
+        kt = k.shape[0]
+        x = x.astype(self.dtype)
+        if kt > 1:
+            x = jnp.concatenate([jnp.repeat(x[:, :1], kt - 1, axis=1), x], axis=1)
+        y = jax.lax.conv_general_dilated(
+            x, k, window_strides=(1, self.stride, self.stride),
+            padding=((0, 0),) + tuple(self.pad_hw), dimension_numbers=_DN,
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+def group_norm(x: jax.Array, groups: int, eps: float) -> jax.Array:
+    """GroupNorm without affine; statistics over the whole clip (T, H, W, channels in group), f32.
+
+    x [B, T, H, W, C] -> same shape, f32.
+    """
+    b, t, h, w, c = x.shape
+    xf = x.astype(jnp.float32).reshape(b, t, h, w, groups, c // groups)
+    mean = jnp.mean(xf, axis=(1, 2, 3, 5), keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3, 5), keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(b, t, h, w, c)
+
+
+class GroupNorm(nnx.Module):
+    """Affine GroupNorm over the whole clip (PyTorch nn.GroupNorm semantics on NCTHW)."""
+
+    def __init__(self, channels: int, groups: int, eps: float, *, param_dtype, dtype, rngs):
+        self.groups, self.eps, self.dtype = groups, eps, dtype
+        self.scale = param(rngs, nnx.initializers.ones, (channels,), ("norm",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (channels,), ("norm",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = group_norm(x, self.groups, self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def resize_nearest(z: jax.Array, size: tuple[int, int, int]) -> jax.Array:
+    """Nearest resize of [B, T, H, W, C] to (T', H', W'): src = floor(dst * in / out).
+
+    Same index rule as torch.nn.functional.interpolate(mode="nearest", size=...).
+    """
+    for axis, out in zip((1, 2, 3), size):
+        n = z.shape[axis]
+        if n == out:
+            continue
+        if out % n == 0:
+            z = jnp.repeat(z, out // n, axis=axis)
+        else:
+            z = jnp.take(z, np.minimum((np.arange(out) * n) // out, n - 1), axis=axis)
+    return z
+
+
+def match_latent(zq: jax.Array, like: jax.Array) -> jax.Array:
+    """Nearest-resizes the latent ``zq`` to ``like``'s (T, H, W).
+
+    For an odd clip of more than one frame, the first frame maps to the first latent frame alone
+    and the rest to the rest (the 1 + 4k structure).
+    """
+    t, h, w = like.shape[1:4]
+    if t > 1 and t % 2 == 1:
+        first = resize_nearest(zq[:, :1], (1, h, w))
+        rest = resize_nearest(zq[:, 1:], (t - 1, h, w))
+        return jnp.concatenate([first, rest], axis=1)
+    return resize_nearest(zq, (t, h, w))
+
+
+class SpatialNorm(nnx.Module):
+    """MoVQ-style norm: GroupNorm(f) * conv_y(z) + conv_b(z), z nearest-resized to f."""
+
+    def __init__(self, channels: int, z_channels: int, groups: int, eps: float, *,
+                 param_dtype, dtype, rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.norm = GroupNorm(channels, groups, eps, **kw)
+        self.conv_y = Conv(z_channels, channels, (1, 1, 1), **kw)
+        self.conv_b = Conv(z_channels, channels, (1, 1, 1), **kw)
+
+    def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
+        zq = match_latent(zq, f)
+        return self.norm(f) * self.conv_y(zq) + self.conv_b(zq)
+
+
+class ResnetBlock(nnx.Module):
+    """norm -> SiLU -> causal conv3 -> norm -> SiLU -> causal conv3, plus a 1x1x1 shortcut when
+    the width changes. Norms are GroupNorm, or SpatialNorm when ``z_channels`` is given."""
+
+    def __init__(self, c_in: int, c_out: int, *, groups: int, eps: float,
+                 z_channels: int | None = None, spatial_groups: int = 32,
+                 param_dtype, dtype, rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        if z_channels is None:
+            self.norm1 = GroupNorm(c_in, groups, eps, **kw)
+            self.norm2 = GroupNorm(c_out, groups, eps, **kw)
+        else:
+            self.norm1 = SpatialNorm(c_in, z_channels, spatial_groups, eps, **kw)
+            self.norm2 = SpatialNorm(c_out, z_channels, spatial_groups, eps, **kw)
+        self.spatial = z_channels is not None
+        self.conv1 = Conv(c_in, c_out, (3, 3, 3), **kw)
+        self.conv2 = Conv(c_out, c_out, (3, 3, 3), **kw)
+        self.shortcut = Conv(c_in, c_out, (1, 1, 1), **kw) if c_in != c_out else None
+
+    def __call__(self, x: jax.Array, zq: jax.Array | None = None) -> jax.Array:
+        norm = (lambda n, h: n(h, zq)) if self.spatial else (lambda n, h: n(h))
+        h = self.conv1(jax.nn.silu(norm(self.norm1, x)))
+        h = self.conv2(jax.nn.silu(norm(self.norm2, h)))
+        skip = self.shortcut(x) if self.shortcut is not None else x.astype(h.dtype)
+        return skip + h
+
+
+def _avg_pairs(x: jax.Array) -> jax.Array:
+    """Mean of consecutive frame pairs (a trailing odd frame is dropped, like avg_pool1d)."""
+    b, t = x.shape[:2]
+    n = t // 2
+    return x[:, : 2 * n].reshape(b, n, 2, *x.shape[2:]).mean(axis=2).astype(x.dtype)
+
+
+def pool_time(x: jax.Array) -> jax.Array:
+    """Temporal 2x average pooling that keeps the first frame alone when T is odd.
+
+    [B, 1 + 2k, ...] -> [B, 1 + k, ...]; an even T is pooled in pairs.
+    """
+    if x.shape[1] % 2 == 1:
+        if x.shape[1] == 1:
+            return x
+        return jnp.concatenate([x[:, :1], _avg_pairs(x[:, 1:])], axis=1)
+    return _avg_pairs(x)
+
+
+class Downsample(nnx.Module):
+    """(optional temporal pool) -> zero-pad bottom/right by 1 -> per-frame conv3 stride 2."""
+
+    def __init__(self, channels: int, *, compress_time: bool, param_dtype, dtype, rngs):
+        self.compress_time = compress_time
+        self.conv = Conv(channels, channels, (3, 3), stride=2, pad_hw=((0, 1), (0, 1)),
+                         param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.compress_time:
+            x = pool_time(x)
+        return self.conv(x)
+
+
+def upsample_nearest(x: jax.Array, *, time: bool) -> jax.Array:
+    """2x nearest in H, W; with ``time`` also 2x in T for every frame but the first.
+
+    [B, 1 + k, H, W, C] -> [B, 1 + 2k, 2H, 2W, C] (time) or [B, 1 + k, 2H, 2W, C].
+    """
+    x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+    if time and x.shape[1] > 1:
+        x = jnp.concatenate([x[:, :1], jnp.repeat(x[:, 1:], 2, axis=1)], axis=1)
+    return x
+
+
+class Upsample(nnx.Module):
+    """nearest 2x (space, and time but the first frame) -> per-frame conv3."""
+
+    def __init__(self, channels: int, *, compress_time: bool, param_dtype, dtype, rngs):
+        self.compress_time = compress_time
+        self.conv = Conv(channels, channels, (3, 3), param_dtype=param_dtype, dtype=dtype,
+                         rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(upsample_nearest(x, time=self.compress_time))
