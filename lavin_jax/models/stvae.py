@@ -308,8 +308,12 @@ class STVAE(nnx.Module):
         return z / self.latent_scale[...] + self.latent_shift[...]
 
     def set_latent_stats(self, shift: float, scale: float) -> None:
+        """Stores measured stats in the variables and in ``cfg`` (params-only checkpoints keep
+        the config, so the values survive either way)."""
         self.latent_shift[...] = jnp.asarray(shift, jnp.float32)
         self.latent_scale[...] = jnp.asarray(scale, jnp.float32)
+        self.cfg = dataclasses.replace(self.cfg, latent_shift=float(shift),
+                                       latent_scale=float(scale))
 
     # -- tiling ------------------------------------------------------------------------------
     def tiled_encode(self, x: jax.Array, encode_fn: Callable | None = None
