@@ -1,0 +1,255 @@
+"""The ST-VAE training objective: reconstruction + KL + perceptual + adversarial (two groups).
+
+Group "vae" (the generator):
+  loss = l1 * |x - x_rec| + l2 * (x - x_rec)^2 + perceptual_weight * LPIPS(x, x_rec)   (= nll)
+       + kl_weight * KL(q || N(0, I))                    (KL summed over latents, batch mean)
+       + [step >= disc_start] * w * g_adv,   g_adv = -sum_heads mean D(x_rec)
+  with the taming-transformers adaptive weight
+       w = disc_weight * clip(||d nll / d W|| / (||d g_adv / d W|| + 1e-4), 0, max), stop-grad,
+  W = the decoder's last conv kernel.
+Group "disc" (frame + clip PatchGANs, lavin_jax/models/discriminator.py):
+  loss = [step >= disc_start] * sum_heads (mean relu(1 - D(x)) + mean relu(1 + D(sg(x_rec))))
+  with x_rec handed over from the "vae" group's aux (no second VAE forward).
+Each group has its own AdamW. ``train_step_reference`` is the two-group update cycle written out
+with optax (the pattern the trainer follows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from lavin_jax.models.discriminator import DiscConfig, Discriminator
+from lavin_jax.objectives.perceptual import FeatureNet
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``objective`` block of configs/stvae.py (every key the VAE objective reads)."""
+    optim = dict(lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+    return ml_collections.ConfigDict(dict(
+        name="vae",
+        input_key="video",  # batch[input_key]: [B, T, H, W, 3] in [-1, 1] (T = 1 for images)
+        sample_posterior=True,  # decode a posterior sample (False: its mean)
+        l1_weight=1.0,
+        l2_weight=0.0,
+        kl_weight=1e-6,
+        perceptual_weight=0.0,  # > 0 needs perceptual_path; nothing is downloaded
+        perceptual_path="",  # .npz / .safetensors VGG16 (+ LPIPS heads), see perceptual.py
+        disc_weight=0.5,
+        disc_start=5000,  # the GAN terms are off (x0) before this step
+        adaptive_weight=True,  # False: the adversarial weight is disc_weight itself
+        adaptive_weight_max=1e4,
+        disc=dict(channels=64, n_layers=3, frame=True, clip=True, temporal_kernel=3,
+                  param_dtype="float32", dtype="float32"),
+        optim_vae=dict(optim),
+        optim_disc=dict(optim),
+    ))
+
+
+# ---------------------------------------------------------------------------------------------
+# The terms, as pure functions.
+
+def reconstruction_loss(x: jax.Array, x_rec: jax.Array, l1_weight: float, l2_weight: float
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """l1 * mean|x - x_rec| + l2 * mean (x - x_rec)^2 over every element."""
+    err = x_rec.astype(jnp.float32) - x.astype(jnp.float32)
+    l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+    return l1_weight * l1 + l2_weight * l2, {"rec_l1": l1, "rec_l2": l2}
+
+
+def hinge_d_loss(real: dict[str, jax.Array], fake: dict[str, jax.Array]) -> jax.Array:
+    """Sum over heads of mean relu(1 - D(real)) + mean relu(1 + D(fake))."""
+    return sum(jnp.mean(jax.nn.relu(1.0 - real[k])) + jnp.mean(jax.nn.relu(1.0 + fake[k]))
+               for k in sorted(real))
+
+
+def hinge_g_loss(fake: dict[str, jax.Array]) -> jax.Array:
+    """Sum over heads of -mean D(fake)."""
+    return sum(-jnp.mean(fake[k]) for k in sorted(fake))
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
+
+
+def adaptive_weight(nll_grad: Any, g_grad: Any, max_weight: float = 1e4) -> jax.Array:
+    """||nll_grad|| / (||g_grad|| + 1e-4), clipped to [0, max_weight], stop-gradiented."""
+    w = _global_norm(nll_grad) / (_global_norm(g_grad) + 1e-4)
+    return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
+
+
+def make_optimizer(ocfg: ml_collections.ConfigDict | dict) -> optax.GradientTransformation:
+    """AdamW (linear warmup, then constant lr) with global-norm clipping; decay on kernels only."""
+    o = dict(ocfg)
+    lr = o["lr"]
+    if o.get("warmup_steps", 0) > 0:
+        lr = optax.linear_schedule(0.0, o["lr"], int(o["warmup_steps"]))
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adam = optax.adamw(lr, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"],
+                       mask=decay_mask)
+    clip = o.get("grad_clip", 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+
+
+def decode_with_pullback(vae: nnx.Module, z: jax.Array) -> tuple[jax.Array, Callable]:
+    """x_rec = vae.decode(z) and the VJP of the decoder w.r.t. its last conv kernel only.
+
+    Splitting that one Param out makes the kernel an explicit input; only the last conv's
+    backward runs when the pullback is applied. x_rec stays differentiable for the outer grad.
+    """
+    kernel = vae.last_decoder_layer_kernel()
+    path = next((p for p, node in nnx.iter_graph(vae) if node is kernel), None)
+    if path is None:
+        raise ValueError("vae.last_decoder_layer_kernel() is not a Param of the VAE")
+    graphdef, last, rest = nnx.split(vae, lambda p, _: tuple(p) == tuple(path), ...)
+    x_rec, vjp = jax.vjp(lambda w: nnx.merge(graphdef, w, rest).decode(z), last)
+    return x_rec, lambda ct: vjp(ct)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plug-in.
+
+class VAEObjective:
+    """The ST-VAE objective plug-in (see lavin_jax/objectives/__init__.py for the protocol).
+
+    ``model_ctor(rngs) -> nnx.Module`` overrides the ST-VAE built from ``cfg.model``; it needs
+    ``posterior(x)`` (with ``sample(rng)``, ``mode()``, ``kl()``), ``decode(z)`` and
+    ``last_decoder_layer_kernel()``.
+    """
+
+    groups = ("vae", "disc")
+
+    def __init__(self, cfg: ml_collections.ConfigDict, model_ctor: Callable | None = None):
+        o = default_config()
+        given = dict(cfg.get("objective", None) or {})
+        unknown = sorted(set(given) - set(o))
+        if unknown:
+            raise ValueError(f"config.objective has unknown keys {unknown}; known: {sorted(o)}")
+        for k, v in given.items():  # nested blocks (disc, optim_*) merge key by key
+            if isinstance(o[k], ml_collections.ConfigDict):
+                o[k].update(dict(v))
+            else:
+                o[k] = v
+        self.cfg, self.ocfg = cfg, o
+        self.disc_cfg = DiscConfig.from_config(o.disc)
+        self.model_ctor = model_ctor
+        self.perceptual = None
+        if o.perceptual_weight > 0:
+            self.perceptual = FeatureNet.from_file(o.perceptual_path, "objective.perceptual_path")
+
+    def build(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+        if self.model_ctor is not None:
+            vae = self.model_ctor(rngs)
+        else:
+            from lavin_jax.models.stvae import STVAE, STVAEConfig
+
+            vae = STVAE(STVAEConfig.from_config(self.cfg.model), rngs=rngs)
+        return {"vae": vae, "disc": Discriminator(self.disc_cfg, rngs=rngs)}
+
+    def optimizer(self, group: str) -> optax.GradientTransformation:
+        if group not in self.groups:
+            raise ValueError(f"VAE objective: unknown group {group!r}; use one of {self.groups}")
+        return make_optimizer(self.ocfg[f"optim_{group}"])
+
+    def loss(self, group: str, modules: dict[str, nnx.Module], batch: dict[str, Any],
+             rng: jax.Array, step: jax.Array, aux: dict[str, Any]
+             ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, Any]]]:
+        x = batch.get(self.ocfg.input_key)
+        if x is None:
+            raise ValueError(f"batch has no {self.ocfg.input_key!r} (objective.input_key); "
+                             f"keys: {sorted(batch)}")
+        if x.ndim != 5:
+            raise ValueError(f"batch[{self.ocfg.input_key!r}] must be [B, T, H, W, 3], "
+                             f"got {x.shape}")
+        on = (step >= self.ocfg.disc_start).astype(jnp.float32)  # traced: no Python branch
+        if group == "vae":
+            return self._generator_loss(modules, x.astype(jnp.float32), rng, on)
+        if group == "disc":
+            if "recon" not in aux:
+                raise ValueError("the 'disc' loss needs aux['recon'] from the 'vae' group's loss")
+            return self._disc_loss(modules["disc"], x.astype(jnp.float32), aux["recon"], on)
+        raise ValueError(f"VAE objective: unknown group {group!r}; use one of {self.groups}")
+
+    def _nll(self, x: jax.Array, x_rec: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        o = self.ocfg
+        nll, logs = reconstruction_loss(x, x_rec, o.l1_weight, o.l2_weight)
+        if self.perceptual is not None:
+            frames = lambda v: v.reshape((-1,) + v.shape[2:])  # [B, T, H, W, 3] -> [BT, H, W, 3]
+            p = jnp.mean(self.perceptual.distance(frames(x), frames(x_rec)))
+            nll, logs = nll + o.perceptual_weight * p, {**logs, "perceptual": p}
+        return nll, logs
+
+    def _generator_loss(self, modules, x, rng, on):
+        o = self.ocfg
+        vae, disc = modules["vae"], modules["disc"]
+        q = vae.posterior(x)
+        z = q.sample(rng) if o.sample_posterior else q.mode()
+        kl = jnp.mean(q.kl())
+        x_rec, pullback = decode_with_pullback(vae, z)
+        # value_and_grad w.r.t. x_rec: the values stay differentiable for the outer (trainer)
+        # grad; the x_rec-gradients feed only the stop-gradiented adaptive weight.
+        (nll, logs), d_nll = jax.value_and_grad(lambda r: self._nll(x, r), has_aux=True)(x_rec)
+        g_adv, d_g = jax.value_and_grad(lambda r: hinge_g_loss(disc(r)))(x_rec)
+        if o.adaptive_weight:
+            w = adaptive_weight(pullback(d_nll), pullback(d_g), o.adaptive_weight_max)
+        else:
+            w = jnp.float32(1.0)
+        w = w * o.disc_weight
+        loss = nll + o.kl_weight * kl + on * w * g_adv
+        logs = {**logs, "loss": loss, "nll": nll, "kl": kl, "kl_weighted": o.kl_weight * kl,
+                "g_adv": g_adv, "adaptive_weight": w, "disc_factor": on}
+        return loss, (logs, {"recon": jax.lax.stop_gradient(x_rec)})
+
+    def _disc_loss(self, disc, x, recon, on):
+        fake = jax.lax.stop_gradient(recon)
+        logits = disc(jnp.concatenate([x, fake], axis=0))  # one pass for real and fake
+        b = x.shape[0]
+        real = {k: v[:b] for k, v in logits.items()}
+        fake_l = {k: v[b:] for k, v in logits.items()}
+        d = hinge_d_loss(real, fake_l)
+        loss = on * d
+        mean_of = lambda t: sum(jnp.mean(v) for v in t.values()) / len(t)
+        logs = {"loss": loss, "d_loss": d, "logits_real": mean_of(real),
+                "logits_fake": mean_of(fake_l), "disc_factor": on}
+        return loss, (logs, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# The update cycle, written out (the trainer's pattern).
+
+def split_modules(modules: dict[str, nnx.Module]):
+    """{group: module} -> (graphdefs, params, rest): each a {group: ...} dict; params are Params."""
+    out = {n: nnx.split(m, nnx.Param, ...) for n, m in modules.items()}
+    return ({n: v[0] for n, v in out.items()}, {n: v[1] for n, v in out.items()},
+            {n: v[2] for n, v in out.items()})
+
+
+def train_step_reference(objective, graphdefs: dict, params: dict, rest: dict, opt_states: dict,
+                         batch: dict, rng: jax.Array, step: jax.Array,
+                         groups: tuple[str, ...] | None = None, aux: dict | None = None):
+    """One update of every group in order -> (params, opt_states, logs). Pure; jit it with
+    ``functools.partial(train_step_reference, objective, graphdefs)``.
+
+    Group g differentiates only its own Params; the others enter as constants. Non-Param state
+    (``rest``) is read, not updated. ``groups`` restricts the cycle and ``aux`` seeds the
+    hand-over dict (tests).
+    """
+    params, opt_states, aux, logs = dict(params), dict(opt_states), dict(aux or {}), {}
+    for i, g in enumerate(groups or objective.groups):
+        def f(p, g=g, key=jax.random.fold_in(rng, i), aux=aux):
+            mods = {n: nnx.merge(graphdefs[n], p if n == g else params[n], rest[n])
+                    for n in graphdefs}
+            return objective.loss(g, mods, batch, key, step, aux)
+
+        (_, (glogs, gaux)), grads = jax.value_and_grad(f, has_aux=True)(params[g])
+        updates, opt_states[g] = objective.optimizer(g).update(grads, opt_states[g], params[g])
+        params[g] = optax.apply_updates(params[g], updates)
+        aux = {**aux, **gaux}
+        logs.update({f"{g}/{k}": v for k, v in glogs.items()})
+    return params, opt_states, logs
