@@ -39,9 +39,17 @@ def _jdit_factory(cfg_dict: Mapping[str, Any]) -> Callable[[], nnx.Module]:
     return lambda: JDiT(cfg, rngs=nnx.Rngs(0))
 
 
-# Model name -> (config dict -> zero-arg constructor). Other models register here (e.g. "stvae").
+def _stvae_factory(cfg_dict: Mapping[str, Any]) -> Callable[[], nnx.Module]:
+    from lavin_jax.models.stvae import STVAE, STVAEConfig
+
+    cfg = STVAEConfig.from_config(dict(cfg_dict))
+    return lambda: STVAE(cfg, rngs=nnx.Rngs(0))
+
+
+# Model name -> (config dict -> zero-arg constructor).
 MODEL_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Callable[[], nnx.Module]]] = {
     "jdit": _jdit_factory,
+    "stvae": _stvae_factory,
 }
 
 
@@ -148,8 +156,9 @@ def module_from_params(
 ) -> nnx.Module:
     """Builds ``ctor()`` abstractly and fills its nnx.Param state from a pure dict of arrays.
 
-    Nothing is randomly initialised. With ``mesh`` (and ``rules``) each array is placed by its
-    logical names; otherwise on the default device. Shapes must match exactly.
+    Nothing is randomly initialised (non-Param variables take their constructor values). With
+    ``mesh`` (and ``rules``) each array is placed by its logical names; otherwise on the default
+    device. Shapes must match exactly.
     """
     from lavin_jax import sharding
 
@@ -157,7 +166,18 @@ def module_from_params(
         abstract = nnx.eval_shape(ctor)
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
-        raise ValueError("module_from_params: the module has non-Param state; not supported")
+        # Non-Param state (e.g. the ST-VAE's latent stats) is not stored: it comes from the
+        # constructor (i.e. the config). Jitted, XLA drops the unused parameter inits.
+        @jax.jit
+        def init_rest():
+            with nnx.use_eager_sharding(False):
+                return nnx.to_pure_dict(nnx.split(ctor(), nnx.Param, ...)[2])
+
+        rest_vals = init_rest()
+        if mesh is not None:
+            rest_vals = jax.device_put(
+                rest_vals, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        nnx.replace_by_pure_dict(rest, rest_vals)
     want = nnx.to_pure_dict(state)
     flat_want = dict(nnx.traversals.flatten_mapping(want))
     flat_got = dict(nnx.traversals.flatten_mapping(dict(params)))
@@ -179,7 +199,7 @@ def module_from_params(
         val = val if val.dtype == v.dtype else val.astype(v.dtype)
         filled[k] = jax.device_put(val, flat_shard[k] if mesh is not None else None)
     nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(filled))
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, state, rest)
 
 
 def load_model(

@@ -154,3 +154,35 @@ def test_cli_writes_checkpoint_load_model_restores(model, official_file, tmp_pat
     # Writing into an existing checkpoint is refused.
     with pytest.raises(FileExistsError, match="already holds step 0"):
         checkpoint.save_params(out, params)
+
+
+class _Stat(nnx.Variable):
+    pass
+
+
+class _Toy(nnx.Module):
+    """Int-keyed sub-modules (nnx.List) and a non-Param variable, like the ST-VAE."""
+
+    def __init__(self, width: int, stat: float):
+        rngs = nnx.Rngs(0)
+        self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(2)])
+        self.stat = _Stat(jax.numpy.asarray(stat, jax.numpy.float32))
+
+
+def test_checkpoint_list_keys_and_non_param_state(tmp_path, monkeypatch):
+    monkeypatch.setitem(checkpoint.MODEL_FACTORIES, "toy",
+                        lambda c: (lambda: _Toy(c["width"], c["stat"])))
+    rng = np.random.default_rng(0)
+    params = {"layers": {i: {"kernel": rng.normal(size=(3, 3)).astype(np.float32),
+                             "bias": rng.normal(size=(3,)).astype(np.float32)} for i in range(2)}}
+    meta = {"configs": {"toy": {"width": 3, "stat": 0.5}}}
+    checkpoint.save_params(tmp_path, {"toy": params}, meta)
+    toy = checkpoint.load_model(tmp_path, "toy")
+    assert float(toy.stat[...]) == 0.5  # non-Param state comes from the stored config
+    kernel = np.asarray(toy.layers[1].kernel[...])
+    np.testing.assert_array_equal(kernel, params["layers"][1]["kernel"])
+    with pytest.raises(KeyError, match="no model"):
+        checkpoint.load_params(tmp_path, {"jdit": {}})
+    bad = {"layers": {0: params["layers"][0]}}
+    with pytest.raises(ValueError, match="missing layers.1.bias"):
+        checkpoint.module_from_params(lambda: _Toy(3, 0.5), bad)

@@ -5,14 +5,6 @@
 """
 
 from lavin_jax.convert.jdit import load_official_jdit
+from lavin_jax.convert.stvae import load_official_stvae
 
 __all__ = ["load_official_jdit", "load_official_stvae"]
-
-
-def __getattr__(name: str):
-    # The ST-VAE converter is imported on first use (it pulls in the VAE model code).
-    if name == "load_official_stvae":
-        from lavin_jax.convert.stvae import load_official_stvae
-
-        return load_official_stvae
-    raise AttributeError(f"module 'lavin_jax.convert' has no attribute {name!r}")
