@@ -181,15 +181,17 @@ class Block(nnx.Module):
         o = attn_lib.attention(q, k, v, seg, backend=cfg.attention_backend)
         o = checkpoint_name(o, "attn_out")
         b = o.shape[0]
-        oc = self.cond.o(o[:, :lc].reshape(b, lc, -1))
-        ox = self.x.o(o[:, lc:].reshape(b, o.shape[1] - lc, -1))
+        # Constraining each branch output before the residual add pins the layout; XLA's
+        # propagation alone mixed batch rows on data x fsdp x tensor meshes (CPU, jax 0.10).
+        oc = constrain(self.cond.o(o[:, :lc].reshape(b, lc, -1)), names)
+        ox = constrain(self.x.o(o[:, lc:].reshape(b, o.shape[1] - lc, -1)), names)
         c = constrain(c + jnp.tanh(ga_c) * rms_norm(oc), names)
         x = constrain(x + jnp.tanh(ga_x) * rms_norm(ox), names)
 
         mc = self.cond.mlp(rms_norm(c) * (1 + sm_c))
         mx = self.x.mlp(rms_norm(x) * (1 + sm_x))
-        mc = checkpoint_name(mc, "mlp_out")
-        mx = checkpoint_name(mx, "mlp_out")
+        mc = constrain(checkpoint_name(mc, "mlp_out"), names)
+        mx = constrain(checkpoint_name(mx, "mlp_out"), names)
         c = constrain(c + jnp.tanh(gm_c) * rms_norm(mc), names)
         x = constrain(x + jnp.tanh(gm_x) * rms_norm(mx), names)
         return c, x
