@@ -1,0 +1,198 @@
+"""The one training binary: ``python -m lavin_jax.train --config=CONFIG --workdir=DIR``.
+
+Read top to bottom: flags -> distributed init -> config validation (before any compile) -> mesh
+-> objective (flow matching for the J-DiT, VAE + discriminator for the ST-VAE) -> sharded state
+-> data -> resume or init_from -> loop (step, guards, logs, checkpoints, preemption) -> final save.
+The same code runs on one CPU, a GPU box or a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from clu import metric_writers, periodic_actions
+from etils import epath
+from ml_collections import config_flags
+
+from lavin_jax import sharding, train_state
+from lavin_jax.objectives import get_objective
+from lavin_jax.run_config import validate_config
+from lavin_jax.train_checkpoint import RunCheckpointer
+
+config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py:VARIANT).")
+flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process).")
+FLAGS = flags.FLAGS
+log = logging.getLogger("lavin_jax.train")
+
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def init_distributed(address: str | None, num: int | None, pid: int | None) -> None:
+    """Manual flags win; on pods and clusters jax.distributed auto-detects; else one process."""
+    if address or num:
+        jax.distributed.initialize(coordinator_address=address, num_processes=num,
+                                   process_id=pid)
+    elif any(v in os.environ for v in _CLUSTER_ENV):
+        jax.distributed.initialize()
+
+
+class Preemption:
+    """SIGTERM (local) or the multi-host preemption sync point asks for a save-and-exit."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        log.warning("SIGTERM received: checkpointing at the next step and exiting")
+        self.requested = True
+
+    def check(self, ckpt: RunCheckpointer, step: int) -> bool:
+        return self.requested or ckpt.reached_preemption(step)
+
+
+def _host(tree: Any) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains until ``cfg.total_steps``; resumes from the newest checkpoint in ``workdir``."""
+    validate_config(cfg, len(jax.devices()))
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(cfg)
+    rules = cfg.sharding.rules
+    objective = get_objective(cfg.objective.name, cfg)
+    tr, state = train_state.create(
+        objective, seed=cfg.seed, mesh=mesh, rules=rules, ema_decay=cfg.ema_decay,
+        microbatches=cfg.microbatches,
+    )
+
+    from lavin_jax.data.batches import make_iterator  # data deps load only when training
+
+    data = make_iterator(cfg, objective)
+    ckpt = RunCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints,
+                           async_save=cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        log.info("resuming from %s step %d", ckpt.directory, latest)
+        state = ckpt.restore(latest, tr.abstract_state, data)
+    elif cfg.get("init_from"):
+        state = _init_from(cfg.init_from, tr, state)
+
+    # The iterator is advanced only after a possible save, so its saved state always means
+    # "exactly `step` batches consumed" (bit-exact resume).
+    batch = next(data)
+    batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, rules, np.ndim(x)),
+                                   batch)
+    step_fn = train_state.jit_train_step(tr, batch_shardings)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    writer.write_hparams({k: v for k, v in cfg.items() if isinstance(v, (int, float, str))})
+    step = int(jax.device_get(state["step"]))
+    hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)]
+    if cfg.profile_steps > 0 and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(
+            logdir=workdir, first_profile=cfg.profile_first_step,
+            num_profile_steps=cfg.profile_steps))
+    preemption = Preemption()
+    tokens_fn = getattr(objective, "tokens_per_batch", None)
+    t_last, steps_last, tokens_acc, metrics = time.time(), step, 0, {}
+
+    with sharding.use_rules(mesh, rules):
+        while step < cfg.total_steps:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                global_batch = sharding.shard_batch(batch, mesh, rules)
+                state, metrics = step_fn(state, global_batch)
+                tokens_acc += tokens_fn(batch) if tokens_fn else 0
+            step += 1
+            for h in hooks:
+                h(step)
+            if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
+                host = _host(metrics)
+                dt = time.time() - t_last
+                host["steps_per_s"] = (step - steps_last) / dt
+                host["tokens_per_s"] = tokens_acc / dt * jax.process_count()
+                host["bad_records"] = float(getattr(data, "bad_records", 0))
+                writer.write_scalars(step, host)
+                t_last, steps_last, tokens_acc = time.time(), step, 0
+                streak = int(jax.device_get(state["streak"]))
+                if streak >= cfg.max_nonfinite_streak:
+                    raise FloatingPointError(
+                        f"{streak} non-finite steps in a row at step {step}: halting (last good "
+                        f"checkpoint kept in {ckpt.directory}); lower the lr or check the data")
+            visualize = getattr(objective, "visualize", None)
+            if visualize and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
+                _write_samples(visualize, tr, state, batch, writer, workdir_path, step)
+            stop = preemption.check(ckpt, step)
+            if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop:
+                _save(ckpt, step, state, data, cfg)
+            if stop:
+                log.warning("preempted at step %d: checkpoint written, exiting", step)
+                break
+            if step < cfg.total_steps:
+                batch = next(data)
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+    return {"step": step, "metrics": _host(metrics) if metrics else {}, "state": state}
+
+
+def _save(ckpt: RunCheckpointer, step: int, state, data, cfg) -> None:
+    if not bool(jax.device_get(train_state.all_finite(state["params"]))):
+        log.error("step %d: parameters are not finite; checkpoint NOT written", step)
+        return
+    ckpt.save(step, state, data, cfg, force=True)
+
+
+def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:
+    """Parameters only (fine-tuning, converted official weights): optimizer state stays fresh."""
+    from lavin_jax import checkpoint as params_ckpt
+
+    loaded, _ = params_ckpt.load_params(path)
+    params = dict(state["params"])
+    for g in tr.objective.groups:
+        name = tr.objective.checkpoint_name(g) if hasattr(tr.objective, "checkpoint_name") else g
+        if name in loaded:
+            params[g] = jax.tree.map(
+                lambda new, ref: jax.device_put(np.asarray(new, ref.dtype), ref.sharding),
+                loaded[name], params[g])
+            log.info("init_from %s: loaded %s into group %s", path, name, g)
+    ema = {g: jax.tree.map(lambda x: x.copy(), params[g]) for g in state["ema"]}
+    return {**state, "params": params, "ema": ema}
+
+
+def _write_samples(visualize, tr, state, batch, writer, workdir, step) -> None:
+    image = np.asarray(visualize(tr.modules(state), batch, step))
+    writer.write_images(step, {"samples": image[None]})
+    if jax.process_index() == 0:
+        from PIL import Image
+
+        (workdir / "samples").mkdir(exist_ok=True)
+        Image.fromarray(image).save(os.fspath(workdir / "samples" / f"step_{step:08d}.png"))
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO)
+    init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    result = train(FLAGS.config, FLAGS.workdir)
+    log.info("done at step %d: %s", result["step"], result["metrics"])
+
+
+if __name__ == "__main__":
+    app.run(main)
