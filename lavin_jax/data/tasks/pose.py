@@ -1,0 +1,190 @@
+"""Human pose: limb sticks on black, one colour per limb (hue evenly spaced over the skeleton).
+
+A limb (i, j) is drawn when both keypoints are visible (visibility > 0), as the pixels within
+``radius`` px of the segment (default: 1 px up to 191 px images, +1 per 128 px). Limbs are
+drawn in skeleton order, later ones over earlier ones.
+Decoding: pixels brighter than 96 are given the nearest limb colour (if within 80 RGB units);
+each 8-connected blob of one colour is a stick whose two ends are its extreme pixels along the
+blob's principal axis, pulled in by half the stroke radius. Sticks whose ends meet (within
+3 * radius + 3 px) at a shared joint are joined into one person, which also tells which end is
+joint i; an isolated stick (no visible neighbour limb) takes the upper end (then left) as i.
+A joint's position is the mean of its stick ends. On clean targets the keypoints of drawn limbs
+come back within ``KEYPOINT_TOL_PX`` = 2 px (checked in the tests).
+Skeleton: option ``skeleton``, else ``lavin_jax.data.raycast.SKELETON`` when it matches the
+keypoint count, else COCO's 17-keypoint skeleton when K = 17.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+from scipy import ndimage
+
+from lavin_jax.data.tasks import Task, register
+from lavin_jax.data.tasks.drawing import (
+    draw_segment,
+    hue_colors,
+    image_of,
+    nearest_color,
+    pred_frames,
+    stroke,
+)
+
+KEYPOINT_TOL_PX = 2.0
+# COCO person skeleton, 0-based (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles)
+COCO_SKELETON = (
+    (15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7),
+    (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6),
+)
+
+
+def _raycast_skeleton():
+    try:
+        mod = importlib.import_module("lavin_jax.data.raycast")
+    except ModuleNotFoundError as e:
+        if e.name not in ("lavin_jax.data.raycast", "lavin_jax.data"):
+            raise
+        return None
+    return getattr(mod, "SKELETON", None)
+
+
+def resolve_skeleton(option, k: int | None) -> tuple[tuple[int, int], ...]:
+    """The (i, j) limb list for K keypoints (K None: whatever is configured)."""
+    cands = [option, _raycast_skeleton(), COCO_SKELETON]
+    for sk in cands:
+        if sk is not None and (k is None or max(max(p) for p in sk) + 1 == k or sk is option):
+            return tuple((int(i), int(j)) for i, j in sk)
+    raise ValueError(
+        f"pose: no skeleton for {k} keypoints; pass the task option skeleton=((i, j), ...)"
+    )
+
+
+def stick_ends(coords: np.ndarray, radius: float) -> np.ndarray:
+    """Pixel centres [M, 2] of one stick -> its two ends [2, 2] along the principal axis."""
+    c = coords.mean(0)
+    if len(coords) < 2:
+        return np.stack([c, c])
+    _, vecs = np.linalg.eigh(np.cov((coords - c).T) + 1e-9 * np.eye(2))
+    u = vecs[:, -1]
+    proj = (coords - c) @ u
+    lo, hi = proj.min() + 0.5 * radius, proj.max() - 0.5 * radius
+    if lo > hi:
+        lo = hi = (lo + hi) / 2
+    return np.stack([c + lo * u, c + hi * u])
+
+
+@register
+class PoseTask(Task):
+    name = "pose"
+    requires = ("image", "keypoints")
+    metrics = ("oks_ap", "pck")
+
+    @classmethod
+    def default_options(cls):
+        return {"skeleton": None, "radius": None}
+
+    def _radius(self, h: int, w: int) -> float:
+        return float(self.options["radius"] or stroke(h, w))
+
+    def context(self, example, choice=None):
+        k = np.asarray(example["keypoints"]).shape[1]
+        return {**(choice or {}), "skeleton": resolve_skeleton(self.options["skeleton"], k),
+                "num_keypoints": k}
+
+    def draw(self, example, choice):
+        img = image_of(example)
+        h, w = img.shape[1:3]
+        kp = np.asarray(example["keypoints"], np.float64)
+        kp = kp.reshape(-1, *kp.shape[-2:])
+        skel = resolve_skeleton(self.options["skeleton"], kp.shape[1])
+        colors, rad = hue_colors(len(skel)), self._radius(h, w)
+        canvas = np.zeros((h, w, 3), np.uint8)
+        for person in kp:
+            pts = person[:, :2] * np.array([h, w])
+            for l, (i, j) in enumerate(skel):
+                if person[i, 2] > 0 and person[j, 2] > 0:
+                    draw_segment(canvas, pts[i], pts[j], colors[l], rad)
+        return img, canvas[None]
+
+    def truth(self, example, choice=None):
+        """Keypoints float32 [N,K,3] (y, x in [0, 1], visibility)."""
+        return np.asarray(example["keypoints"], np.float32)
+
+    def baseline(self, example, choice=None):
+        """No person."""
+        return np.zeros((0, np.asarray(example["keypoints"]).shape[1], 3), np.float32)
+
+    def decode(self, pred, ctx=None):
+        """Keypoints float32 [P,K,3] (y, x in [0, 1], 1 = found) of the P people read back."""
+        pix = pred_frames(pred)[0]
+        h, w = pix.shape[:2]
+        k = None if ctx is None else ctx.get("num_keypoints")
+        skel = tuple(ctx["skeleton"]) if ctx and "skeleton" in ctx else resolve_skeleton(
+            self.options["skeleton"], k)
+        k = k or max(max(p) for p in skel) + 1
+        colors, rad = hue_colors(len(skel)), self._radius(h, w)
+        label = np.full((h, w), -1)
+        on = pix.max(-1) > 96
+        idx, dist = nearest_color(pix[on], colors)
+        label[on] = np.where(dist < 80, idx, -1)
+        sticks = []  # (limb, ends [2, 2] in pixel units)
+        for l in range(len(skel)):
+            comps, n = ndimage.label(label == l, structure=np.ones((3, 3)))
+            for lab in range(1, n + 1):
+                rr, cc = np.nonzero(comps == lab)
+                if len(rr) >= 2:
+                    sticks.append((l, stick_ends(np.stack([rr, cc], 1) + 0.5, rad)))
+        return self._assemble(sticks, skel, k, h, w, 3 * rad + 3)
+
+    @staticmethod
+    def _assemble(sticks, skel, k, h, w, tol) -> np.ndarray:
+        """Join sticks into people at shared joints; see the module docstring."""
+        ns = len(sticks)
+        vote = np.zeros(ns)  # > 0: end 0 is the limb's joint i; < 0: end 0 is joint j
+        links = []  # (stick a, end a, stick b, end b)
+        for a in range(ns):
+            for b in range(a + 1, ns):
+                (la, ea), (lb, eb) = sticks[a], sticks[b]
+                shared = set(skel[la]) & set(skel[lb])
+                if la == lb or not shared:
+                    continue
+                d = np.linalg.norm(ea[:, None] - eb[None], axis=-1)
+                x, y = np.unravel_index(d.argmin(), d.shape)
+                if d[x, y] >= tol:
+                    continue
+                joint = shared.pop()
+                wgt = 1.0 / (1.0 + d[x, y])
+                vote[a] += wgt if (skel[la].index(joint) == x) else -wgt
+                vote[b] += wgt if (skel[lb].index(joint) == y) else -wgt
+                links.append((a, b))
+        parent = list(range(ns))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for a, b in links:
+            parent[find(a)] = find(b)
+        groups: dict[int, list[int]] = {}
+        for s in range(ns):
+            groups.setdefault(find(s), []).append(s)
+        people = []
+        for members in groups.values():
+            acc, cnt = np.zeros((k, 2)), np.zeros(k)
+            for s in members:
+                l, ends = sticks[s]
+                first = vote[s] > 0 or (vote[s] == 0 and tuple(ends[0]) <= tuple(ends[1]))
+                i_end, j_end = (ends[0], ends[1]) if first else (ends[1], ends[0])
+                for joint, p in zip(skel[l], (i_end, j_end)):
+                    acc[joint] += p
+                    cnt[joint] += 1
+            kp = np.zeros((k, 3), np.float32)
+            found = cnt > 0
+            kp[found, :2] = acc[found] / cnt[found, None] / np.array([h, w])
+            kp[found, 2] = 1.0
+            people.append(kp)
+        people.sort(key=lambda p: -p[:, 2].sum())
+        return np.array(people, np.float32).reshape(-1, k, 3)
