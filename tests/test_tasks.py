@@ -229,15 +229,17 @@ def match_people(dec, truth, h):
     return worst
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_pose_keypoints_from_stick_ends(size):
+@pytest.mark.parametrize("size,case", [(32, "one"), (64, "two"), (128, "crossed"), (512, "one")])
+def test_pose_keypoints_from_stick_ends(size, case):
     task = get_task("pose")
     ex = image_example(size, size)
-    if size == 64:  # two people side by side, one missing its left leg
+    if case == "two":  # two people side by side, one missing its left leg
         a, b = ex["keypoints"][0].copy(), ex["keypoints"][0].copy()
         a[:, 1], b[:, 1] = a[:, 1] * 0.5, 0.5 + b[:, 1] * 0.5
         b[[13, 15], 2] = 0
         ex["keypoints"] = np.stack([a, b])
+    if case == "crossed":  # the left forearm (drawn late) cuts both sides of the torso
+        ex["keypoints"][0, 9, :2] = (0.52, 0.68)
     _, targets = task.render(ex, np.random.default_rng(0))
     dec = task.decode(targets, task.context(ex))
     assert len(dec) == len(ex["keypoints"])
