@@ -343,3 +343,30 @@ def test_bad_inputs_say_what_is_wrong():
         get_task("frame_prediction").render(clip_example(t=6), np.random.default_rng(0))
     with pytest.raises(ValueError, match="prediction must be"):
         get_task("edges").decode(np.zeros((8, 8), np.uint8))
+
+
+def test_decoders_tolerate_mild_blur_and_noise():
+    """Model outputs are not clean: blur (sigma 0.7 px) + noise (sigma 6) at 128 px."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+
+    def degrade(x):
+        y = ndimage.gaussian_filter(x.astype(float), (0, 0.7, 0.7, 0))
+        return np.clip(y + rng.normal(0, 6, x.shape), 0, 255).astype(np.uint8)
+
+    ex = image_example(128, 128, seed=1)
+    det = get_task("detection", fill=0.8)
+    dec = det.decode(degrade(det.render(ex, rng)[1]))
+    assert len(dec["boxes"]) == 3
+    for box, cls in zip(ex["boxes"], ex["box_classes"]):
+        err = np.abs(dec["boxes"] - box).max(1) * 128
+        assert err.min() <= 1.0 and dec["classes"][err.argmin()] == cls
+    pose = get_task("pose")
+    people = pose.decode(degrade(pose.render(ex, rng)[1]), pose.context(ex))
+    assert len(people) == 1 and people[0, :, 2].all()
+    body = slice(5, 17)  # shoulders to ankles; the face's sticks are only a few px long
+    assert np.abs(people[0, body, :2] - ex["keypoints"][0, body, :2]).max() * 128 <= 3.0
+    fg = get_task("foreground")
+    mask = fg.decode(degrade(fg.draw(ex, {"cls": 3})[1]))
+    assert (mask == (ex["semantic"] == 3)).mean() > 0.99

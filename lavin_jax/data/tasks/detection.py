@@ -3,10 +3,10 @@
 Boxes (ymin, xmin, ymax, xmax in [0, 1]) become inclusive pixel rectangles
 r0 = round(ymin * H), r1 = round(ymax * H) - 1 (same for columns; at least 2 px a side) and are
 outlined ``thickness`` px inwards (default 1 px up to 191 px images, +1 per 128 px).
-Detection colours a box by its class from ``drawing.CLASS_PALETTE`` (25 colours, white =
-class 0; class c uses colour c % 25, so classes >= 25 alias) -- option color_by_class=False
-draws all boxes white. Single-object detection draws one box (a random one, or the largest with
-pick="largest"; the choice is ``{"box": index}``) in white.
+Detection colours a box by its class from ``drawing.CLASS_PALETTE`` (16 colours: white =
+class 0, then 15 hues; class c uses colour c % 16, so classes >= 16 alias); option
+color_by_class=False draws all boxes white. Single-object detection draws one box (a random
+one, or the largest with pick="largest"; the choice is ``{"box": index}``) in white.
 Decoding finds rectangles in the "any colour" mask (so crossings drawn over by another box do
 not break an outline): outer corners (top-left: on, nothing on above or to the left; likewise
 for the other three) are paired top-left/bottom-right and top-right/bottom-left, and a pair is
@@ -15,7 +15,7 @@ clean targets; lower it for model outputs) and at least 3 of its 4 outer corners
 (not crossings: two overlapping outlines also enclose their intersection, whose other two
 corners are crossings; with fill < 1 a corner may be 1 px off). Near-duplicates (every side
 within thickness + 1 px) keep the best. A box's class is the palette colour nearest the median
-colour of its outline.
+full-brightness colour (largest channel scaled to 255) of its outline's drawn pixels.
 On clean targets every box with at most one corner covered by another box's outline comes back
 exactly (normalised coordinates within 0.5 px of the truth, the rounding above).
 """
@@ -30,6 +30,7 @@ from lavin_jax.data.tasks.drawing import (
     CLASS_PALETTE,
     box_pixels,
     draw_box,
+    full_brightness,
     image_of,
     nearest_color,
     pixels_box,
@@ -93,11 +94,12 @@ def find_rectangles(mask: np.ndarray, fill: float = 1.0, dup: int = 2):
 
 
 def outline_color(pix: np.ndarray, px) -> np.ndarray:
-    """Median colour [3] of the outer ring of the inclusive pixel box px."""
+    """Median full-brightness colour [3] of the drawn pixels on the box's outer ring."""
     r0, c0, r1, c1 = (int(v) for v in px)
     ring = np.concatenate([pix[r0, c0:c1 + 1], pix[r1, c0:c1 + 1], pix[r0:r1 + 1, c0],
                            pix[r0:r1 + 1, c1]])
-    return np.median(ring, 0)
+    on = ring.max(-1) > 127.5
+    return np.median(full_brightness(ring[on] if on.any() else ring), 0)
 
 
 @register

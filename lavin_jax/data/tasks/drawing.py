@@ -77,11 +77,16 @@ def hue_colors(n: int, value: float = 1.0) -> np.ndarray:
     return to_uint8(hsv_to_rgb(hsv[None])[0] * 255)
 
 
-# Fixed class palette: white first, then 2 x 12 hues at two brightness levels (24 colours
-# with pairwise RGB L-inf distance >= 70 so they survive a lossy round trip).
-CLASS_PALETTE = np.concatenate(
-    [np.array([[255, 255, 255]], np.uint8), hue_colors(12), hue_colors(12, 0.55)[::-1]]
-)
+# Fixed class palette: white, then 15 fully bright hues 24 degrees apart (pairwise RGB L-inf
+# distance >= 102). One brightness level only, so a class is read from the hue of a dimmed or
+# blurred line (see full_brightness).
+CLASS_PALETTE = np.concatenate([np.array([[255, 255, 255]], np.uint8), hue_colors(15)])
+
+
+def full_brightness(pixels: np.ndarray) -> np.ndarray:
+    """float [..., 3] colours scaled so their largest channel is 255 (keeps hue/saturation)."""
+    p = np.asarray(pixels, np.float32)
+    return p * (255.0 / np.maximum(p.max(-1, keepdims=True), 1.0))
 
 
 def random_colors(n: int, rng: np.random.Generator, min_dist: float = 48.0) -> np.ndarray:

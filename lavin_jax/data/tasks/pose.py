@@ -3,15 +3,17 @@
 A limb (i, j) is drawn when both keypoints are visible (visibility > 0), as the pixels within
 ``radius`` px of the segment (default: 1 px up to 191 px images, +1 per 128 px). Limbs are
 drawn in skeleton order, later ones over earlier ones.
-Decoding: pixels brighter than 96 are given the nearest limb colour (if within 80 RGB units);
-each blob of one colour (8-connected after bridging gaps of up to 2 * radius + 2 px, where a
-later limb crosses it) is a stick whose two ends are its extreme pixels along the blob's
-principal axis, pulled in by radius - 0.4 px (the measured overshoot of a round cap). Sticks
-whose ends meet (within 3 * radius + 3 px) at a shared joint are joined into one person, which also tells which end is
-joint i; an isolated stick (no visible neighbour limb) takes the upper end (then left) as i.
-A joint's position is the end of the last-drawn limb there (earlier limbs are cut short by
-the later ones' caps). On clean targets the keypoints of drawn limbs come back within
-``KEYPOINT_TOL_PX`` = 1.5 px (checked in the tests; measured <= 0.6 px from 32 to 512 px).
+Decoding: pixels brighter than 96, scaled to full brightness (so dimmed line edges keep their
+hue), take the nearest limb colour if closer than half the gap between limb colours. Each blob
+of one colour (8-connected after bridging gaps of up to 2 * radius + 2 px, where a later limb
+crosses it; blobs under 2 * radius + 1 px are dropped) is a stick whose two ends are its
+extreme pixels along the blob's principal axis, pulled in by radius - 0.4 px (the measured
+overshoot of a round cap). Sticks whose ends meet (within 3 * radius + 3 px) at a shared joint
+are joined into one person, which also tells which end is joint i; an isolated stick (no
+visible neighbour limb) takes the upper end (then left) as i. A joint's position is the end of
+the last-drawn limb there (earlier limbs are cut short by the later ones' caps). On clean
+targets the keypoints of drawn limbs come back within ``KEYPOINT_TOL_PX`` = 1.5 px (checked in
+the tests; measured <= 0.6 px from 32 to 512 px).
 Skeleton: option ``skeleton``, else ``lavin_jax.data.raycast.SKELETON`` when it matches the
 keypoint count, else COCO's 17-keypoint skeleton when K = 17.
 """
@@ -26,6 +28,7 @@ from scipy import ndimage
 from lavin_jax.data.tasks import Task, register
 from lavin_jax.data.tasks.drawing import (
     draw_segment,
+    full_brightness,
     hue_colors,
     image_of,
     nearest_color,
@@ -60,6 +63,13 @@ def resolve_skeleton(option, k: int | None) -> tuple[tuple[int, int], ...]:
     raise ValueError(
         f"pose: no skeleton for {k} keypoints; pass the task option skeleton=((i, j), ...)"
     )
+
+
+def _hue_gap(colors: np.ndarray) -> float:
+    """Smallest RGB distance between two limb colours."""
+    c = colors.astype(np.float64)
+    d = np.linalg.norm(c[:, None] - c[None], axis=-1)
+    return float(d[~np.eye(len(c), dtype=bool)].min()) if len(c) > 1 else 255.0
 
 
 def stick_ends(coords: np.ndarray, radius: float) -> np.ndarray:
@@ -129,10 +139,11 @@ class PoseTask(Task):
         colors, rad = hue_colors(len(skel)), self._radius(h, w)
         label = np.full((h, w), -1)
         on = pix.max(-1) > 96
-        idx, dist = nearest_color(pix[on], colors)
-        label[on] = np.where(dist < 80, idx, -1)
+        idx, dist = nearest_color(full_brightness(pix[on]), colors)
+        label[on] = np.where(dist < 0.5 * _hue_gap(colors), idx, -1)
         sticks = []  # (limb, ends [2, 2] in pixel units)
         bridge = int(np.ceil(rad)) + 1
+        min_px = max(2, int(2 * rad + 1))  # smaller blobs are noise or colour fringes
         for l in range(len(skel)):
             mask = label == l
             # a later limb drawn across this one splits it; bridge gaps up to 2 * radius + 2 px
@@ -141,7 +152,7 @@ class PoseTask(Task):
             comps = np.where(mask, comps, 0)
             for lab in range(1, n + 1):
                 rr, cc = np.nonzero(comps == lab)
-                if len(rr) >= 2:
+                if len(rr) >= min_px:
                     sticks.append((l, stick_ends(np.stack([rr, cc], 1) + 0.5, rad)))
         return self._assemble(sticks, skel, k, h, w, 3 * rad + 3)
 
