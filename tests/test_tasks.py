@@ -339,7 +339,7 @@ def test_bad_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="needs example key"):
         get_task("depth").render({"image": np.zeros((8, 8, 3), np.uint8)},
                                  np.random.default_rng(0))
-    with pytest.raises(ValueError, match="needs clips of >= 10 frames"):
+    with pytest.raises(ValueError, match="needs clips of >= 9 frames"):
         get_task("frame_prediction").render(clip_example(t=6), np.random.default_rng(0))
     with pytest.raises(ValueError, match="prediction must be"):
         get_task("edges").decode(np.zeros((8, 8), np.uint8))

@@ -3,11 +3,12 @@
 Panoptic: every segment -- a distinct (semantic, instance) pair; semantic-only ("stuff") pixels
 with instance 0 form one segment per class -- gets a random colour (drawn from the rendering's
 rng, in [40, 255]^3, pairwise L-inf distance >= 48); background (class 0, instance 0) is black.
-Colours carry no class, so decoding gives class-agnostic segments: ``decode`` clusters colours
-(coarse 8-level histogram bins, largest first, a new centre only if > 40 RGB units from every
-centre, bins smaller than ``min_frac`` of the image ignored, every pixel to its nearest centre,
-black = background) and returns int32 ids 1..K by decreasing area. On clean targets this
-recovers the partition exactly (ids up to relabelling).
+Colours carry no class, so decoding gives class-agnostic segments. A prediction with at most
+256 distinct integer colours is read as clean: each colour is a segment, however small (exact
+on clean targets). Otherwise ``decode`` clusters colours (coarse 8-level histogram bins,
+largest first, a new centre only if > 40 RGB units from every centre, bins smaller than
+``min_frac`` of the pixels ignored, every pixel to its nearest centre, near-black =
+background). Either way the result is int32 ids 1..K by decreasing area.
 Foreground: one class (option mode="class", Pascal-5i style) or one instance (mode="instance")
 white on black; which one is a choice (``{"cls": c}`` / ``{"inst": i}``) so context pairs can
 share it. Decoding thresholds the gray level at 127.5 (exact on clean targets).
@@ -46,9 +47,26 @@ def segment_ids(example: Mapping[str, Any]) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def cluster_colors(pix: np.ndarray, min_frac: float = 1e-3) -> np.ndarray:
+def _by_area(labels: np.ndarray, n: int) -> np.ndarray:
+    """Relabel 0..n-1 labels to 1..K by decreasing area; label 0 stays background."""
+    area = np.bincount(labels, minlength=n)
+    order = [c for c in np.argsort(-area[1:], kind="stable") + 1 if area[c] > 0]
+    remap = np.zeros(n, np.int32)
+    remap[order] = np.arange(1, len(order) + 1)
+    return remap[labels]
+
+
+def cluster_colors(pix: np.ndarray, min_frac: float = 1e-3, max_exact: int = 256) -> np.ndarray:
     """Pixels float [..., 3] in [0, 255] -> int32 [...] segment ids, 0 = near-black."""
     flat = pix.reshape(-1, 3)
+    exact, exact_inv = np.unique(np.rint(flat).astype(np.int64) @ [65536, 256, 1],
+                                 return_inverse=True)
+    if len(exact) <= max_exact and np.allclose(flat, np.rint(flat)):
+        # a clean rendering: every colour is a segment, however small
+        rgb = np.stack([exact // 65536, exact // 256 % 256, exact % 256], -1)
+        dark = np.linalg.norm(rgb, axis=-1) <= MERGE_DIST
+        lab = np.where(dark, 0, np.cumsum(~dark))
+        return _by_area(lab[exact_inv.ravel()], int(lab.max()) + 1).reshape(pix.shape[:-1])
     q = np.clip(flat // 8, 0, 31).astype(np.int64)
     key = (q[:, 0] * 32 + q[:, 1]) * 32 + q[:, 2]
     uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
@@ -63,13 +81,7 @@ def cluster_colors(pix: np.ndarray, min_frac: float = 1e-3) -> np.ndarray:
             centers.append(means[i])
     cen = np.array(centers)
     bin_label = np.linalg.norm(means[:, None] - cen[None], axis=-1).argmin(1)
-    labels = bin_label[inv]
-    # relabel 1..K by decreasing area (0 stays background)
-    area = np.bincount(labels, minlength=len(cen))
-    order = [c for c in np.argsort(-area[1:], kind="stable") + 1 if area[c] > 0]
-    remap = np.zeros(len(cen), np.int32)
-    remap[order] = np.arange(1, len(order) + 1)
-    return remap[labels].reshape(pix.shape[:-1])
+    return _by_area(bin_label[inv.ravel()], len(cen)).reshape(pix.shape[:-1])
 
 
 def paint_segments(ids: np.ndarray, colors: np.ndarray) -> np.ndarray:

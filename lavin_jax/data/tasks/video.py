@@ -5,8 +5,8 @@ Every video task renders a window of the clip whose start frame is a random choi
 mixin; video segmentation lives in segmentation.py): video depth uses one log-depth range for
 the whole window, video normals encode each frame as the image task does.
 Defaults: windows of ``num_frames`` = 5 (= 1 + 4k, what the causal ST-VAE compresses without
-padding); frame prediction shows ``num_in`` = 5 frames and asks for the next ``num_out`` = 5
-(so it needs clips of >= 10 frames; set the options for shorter clips).
+padding); frame prediction shows ``num_in`` = 4 frames and asks for the next ``num_out`` = 5
+(a 1 + 4k target, and it fits the synthetic source's 9-frame clips; set the options otherwise).
 
 Optical flow (frame t -> t+1, (dy, dx) pixels) is drawn in HSV: hue = direction
 atan2(dy, dx) / 2pi (0 = +x, i.e. rightwards, red; 1/4 = +y, i.e. downwards), saturation = 1,
@@ -90,7 +90,7 @@ class FramePredictionTask(Task):
 
     @classmethod
     def default_options(cls):
-        return {"num_in": 5, "num_out": 5}
+        return {"num_in": 4, "num_out": 5}
 
     def __init__(self, **options):
         super().__init__(**options)
