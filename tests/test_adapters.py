@@ -177,3 +177,69 @@ def test_unprepared_source_names_the_fix(name, tmp_path):
 def test_manual_dataset_prepare_needs_manual_dir(tmp_path):
     with pytest.raises(ValueError, match="--manual_dir"):
         adapters.SOURCES["imagenet2012"].prepare(tmp_path)
+
+
+def write_fake_voc(root, ids_by_set: dict[str, list[str]]) -> None:
+    """A VOCdevkit/VOC2012 tree: JPEGs, XML annotations, palette masks (2 objects each)."""
+    from PIL import Image
+
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+    h, w = 20, 30
+    # (label name, class index, (ymin, xmin, ymax, xmax) 1-based inclusive VOC pixels)
+    objs = [("person", 15, (3, 4, 10, 12)), ("dog", 12, (12, 15, 18, 28))]
+    palette = list(np.random.default_rng(0).integers(0, 256, 768))
+    for set_name, ids in ids_by_set.items():
+        (base / "ImageSets" / "Segmentation" / f"{set_name}.txt").write_text("\n".join(ids))
+        for image_id in ids:
+            Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(
+                base / "JPEGImages" / f"{image_id}.jpg"
+            )
+            cls = np.zeros((h, w), np.uint8)
+            obj = np.zeros((h, w), np.uint8)
+            xml = [f"<annotation><size><width>{w}</width><height>{h}</height></size>"]
+            for k, (name, c, (y0, x0, y1, x1)) in enumerate(objs, start=1):
+                cls[y0 - 1 : y1, x0 - 1 : x1] = c
+                obj[y0 - 1 : y1, x0 - 1 : x1] = k
+                xml.append(
+                    f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0"
+                    f"</truncated><difficult>0</difficult><bndbox><xmin>{x0 - 1}</xmin>"
+                    f"<ymin>{y0 - 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+                )
+            cls[0, :] = obj[0, :] = 255  # void border
+            xml.append("</annotation>")
+            (base / "Annotations" / f"{image_id}.xml").write_text("".join(xml))
+            for sub, m in (("SegmentationClass", cls), ("SegmentationObject", obj)):
+                im = Image.fromarray(m, mode="P")
+                im.putpalette(palette)
+                im.save(base / sub / f"{image_id}.png")
+
+
+def test_voc_segmentation_builder_end_to_end(tmp_path, monkeypatch):
+    raw_dir = tmp_path / "raw"
+    write_fake_voc(raw_dir, {"train": ["2007_000001", "2007_000002"], "val": ["2007_000003"]})
+    monkeypatch.setattr(
+        tfds.download.DownloadManager, "download_and_extract", lambda self, url: raw_dir
+    )
+    src = adapters.SOURCES["voc_segmentation"]
+    src.prepare(tmp_path / "data")
+    train, val = src.open(tmp_path / "data", "train"), src.open(tmp_path / "data", "validation")
+    assert len(train) == 2 and len(val) == 1
+    ex = val[0]
+    assert_canonical(ex, src.provides)
+    assert ex["semantic"][0].max() == 0 and ex["instance"][0].max() == 0  # void -> 0
+    np.testing.assert_array_equal(ex["box_classes"], [15, 12])
+    for k in (1, 2):  # object index k <-> k-th XML box
+        ys, xs = np.nonzero(ex["instance"] == k)
+        mask_box = [ys.min() / 20, xs.min() / 30, (ys.max() + 1) / 20, (xs.max() + 1) / 30]
+        np.testing.assert_allclose(ex["boxes"][k - 1], mask_box, atol=1e-6)
+        assert np.all(ex["semantic"][ex["instance"] == k] == ex["box_classes"][k - 1])
+
+
+def test_every_source_is_registered():
+    from lavin_jax.data.sources import get_source
+
+    for name, src in adapters.SOURCES.items():
+        assert get_source(name) is src

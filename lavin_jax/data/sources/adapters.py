@@ -15,7 +15,9 @@ What each real builder gives (tfds 4.9.10 feature specs):
   box_classes of those N. No keypoints: no TFDS coco config (2014, 2017, 2017_panoptic) stores
   person keypoints, so keypoint tasks need another source.
 - ``voc/2012``: image + objects (bbox, label in 20 classes) -> image, boxes, box_classes. The
-  TFDS voc builder stores no segmentation masks, so no semantic/instance from it.
+  TFDS voc builder stores no segmentation masks, hence our ``voc_segmentation`` builder
+  (VOC 2012 segmentation sets): semantic (palette index = class 1..20), instance (object
+  index k = k-th XML object, VOC devkit convention) with the XML boxes; void (255) -> 0.
 - ``imagenet2012`` (manual download): image (colorization, inpainting).
 """
 
@@ -201,6 +203,29 @@ def voc_detection(ex: Mapping[str, Any]) -> Example:
     }
 
 
+def voc_segmentation(ex: Mapping[str, Any]) -> Example:
+    """voc_segmentation -> image, semantic, instance, boxes, box_classes (void 255 -> 0)."""
+    image = _image(ex)
+    objs = _objects(ex["objects"], ("bbox", "label"), "objects")
+    maps = {}
+    for key in ("segmentation_class", "segmentation_object"):
+        m = np.asarray(ex[key])
+        m = m[..., 0] if m.ndim == 3 else m
+        if m.shape != image.shape[:2]:
+            raise ValueError(f"{key}: shape {m.shape} != image {image.shape[:2]}")
+        maps[key] = np.where(m == 255, 0, m)
+    n = len(objs["label"])
+    if maps["segmentation_object"].max(initial=0) > n or maps["segmentation_class"].max() > 20:
+        raise ValueError(f"segmentation masks: index above {n} objects / 20 classes")
+    return {
+        "image": image,
+        "semantic": maps["segmentation_class"].astype(np.uint8),
+        "instance": maps["segmentation_object"].astype(np.int32),
+        "boxes": _boxes(objs["bbox"], "objects/bbox"),
+        "box_classes": (objs["label"].astype(np.int64) + 1).astype(np.int32),
+    }
+
+
 def image_only(ex: Mapping[str, Any]) -> Example:
     """Any builder with an RGB "image" -> image."""
     return {"image": _image(ex)}
@@ -290,6 +315,13 @@ def _tfds(name: str) -> Callable[[str], tfds.core.DatasetBuilder]:
     return lambda data_dir: tfds.builder(name, data_dir=data_dir)
 
 
+def _voc_segmentation(data_dir: str) -> tfds.core.DatasetBuilder:
+    # Imported on use: it pulls in TFDS's voc module.
+    from lavin_jax.data.sources.voc_segmentation import VocSegmentation
+
+    return VocSegmentation(data_dir=data_dir)
+
+
 def _photos(config: str) -> Callable[[str], tfds.core.DatasetBuilder]:
     return lambda data_dir: photos_lib.builder(data_dir, config)
 
@@ -314,6 +346,12 @@ SOURCES: dict[str, TfdsSource] = {
             check=_check_coco_names,
         ),
         TfdsSource("voc", _tfds("voc/2012"), ("image", "boxes", "box_classes"), voc_detection),
+        TfdsSource(
+            "voc_segmentation",
+            _voc_segmentation,
+            ("image", "semantic", "instance", "boxes", "box_classes"),
+            voc_segmentation,
+        ),
         TfdsSource(
             "imagenet2012",
             _tfds("imagenet2012"),
