@@ -370,3 +370,35 @@ def test_decoders_tolerate_mild_blur_and_noise():
     fg = get_task("foreground")
     mask = fg.decode(degrade(fg.draw(ex, {"cls": 3})[1]))
     assert (mask == (ex["semantic"] == 3)).mean() > 0.99
+
+
+def test_tiny_panoptic_segment_survives_clean_round_trip():
+    task = get_task("panoptic")
+    ex = image_example()
+    ex["semantic"][0, 31], ex["instance"][0, 31] = 7, 9  # a one-pixel segment
+    choice = task.choose(ex, np.random.default_rng(0))
+    truth = task.truth(ex, choice)
+    assert same_partition(task.decode(task.draw(ex, choice)[1]), truth) and truth.max() == 5
+
+
+def test_every_task_on_the_synthetic_source():
+    """The real schema producer (when present): 14-keypoint skeleton, variable box counts."""
+    render = pytest.importorskip("lavin_jax.data.render")
+    image, clip = render.render_example(0, 64), render.render_clip(0, 32, 9)
+    for name in ALL:
+        task = get_task(name)
+        ex = clip if task.is_video else image
+        choice = task.choose(ex, np.random.default_rng(0))
+        inputs, targets = task.draw(ex, choice)
+        h = 32 if task.is_video else 64
+        assert inputs.shape == (task.frames[0], h, h, 3) and inputs.dtype == np.uint8, name
+        assert targets.shape == (task.frames[1], h, h, 3) and targets.dtype == np.uint8, name
+        task.decode(targets, task.context(ex, choice))
+    seg = get_task("video_segmentation")
+    choice = seg.choose(clip, np.random.default_rng(0))
+    assert same_partition(seg.decode(seg.draw(clip, choice)[1]), seg.truth(clip, choice))
+    det = get_task("detection")
+    dec, truth = det.decode(det.draw(image, {})[1]), det.truth(image)
+    for box in dec["boxes"]:  # nothing spurious (a box abutting others may be missed)
+        assert np.abs(truth["boxes"] - box).max(1).min() <= 0.5 / 64 + 1e-6
+    assert len(dec["boxes"]) >= len(truth["boxes"]) / 2
