@@ -1,4 +1,4 @@
-"""Shared drawing and reading helpers for task renderings (numpy; scipy/skimage where handy).
+"""Shared drawing and reading helpers for task renderings (numpy; scipy where handy).
 
 Pixel convention: pixel (r, c) covers [r, r+1) x [c, c+1) in pixel units, its centre is
 (r + 0.5, c + 0.5); a normalised coordinate y in [0, 1] is y * H in pixel units.
@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from skimage import color as skcolor
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -62,13 +61,26 @@ def unit_image(pred: np.ndarray, is_video: bool) -> np.ndarray:
 
 # ---- colours ---------------------------------------------------------------------------
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """float [..., 3] HSV in [0, 1] -> float [..., 3] RGB in [0, 1]."""
-    return skcolor.hsv2rgb(hsv)
+    """float [..., 3] HSV in [0, 1] -> float32 [..., 3] RGB in [0, 1] (the usual hexcone)."""
+    hsv = np.asarray(hsv, np.float32)
+    h6, s, v = hsv[..., :1] * 6.0, hsv[..., 1:2], hsv[..., 2:3]
+    # pure-hue ramps for R, G, B at full saturation and value
+    centre = np.array([0.0, 2.0, 4.0], np.float32)  # where R, G, B peak, in sixths of a turn
+    ramp = np.clip(2.0 - np.abs(np.mod(h6 - centre + 3.0, 6.0) - 3.0), 0.0, 1.0)
+    return v * (1.0 - s + s * ramp)
 
 
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """float [..., 3] RGB in [0, 1] -> float [..., 3] HSV in [0, 1]."""
-    return skcolor.rgb2hsv(rgb)
+    """float [..., 3] RGB in [0, 1] -> float32 [..., 3] HSV in [0, 1]."""
+    rgb = np.asarray(rgb, np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v, c = rgb.max(-1), rgb.max(-1) - rgb.min(-1)
+    safe = np.maximum(c, 1e-12)
+    h = np.where(v == r, np.mod((g - b) / safe, 6.0),
+                 np.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h = np.where(c > 0, h / 6.0, 0.0)
+    s = np.where(v > 0, c / np.maximum(v, 1e-12), 0.0)
+    return np.stack([h, s, v], -1).astype(np.float32)
 
 
 def hue_colors(n: int, value: float = 1.0) -> np.ndarray:

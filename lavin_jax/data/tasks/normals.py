@@ -17,25 +17,29 @@ from lavin_jax.data.tasks.drawing import image_of, per_frame, pred_frames, singl
 ANGLE_BOUND_DEG = 0.5
 
 
+def _norm(n: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("...i,...i->...", n, n))
+
+
 def normal_valid(n: np.ndarray) -> np.ndarray:
     """bool [...]: finite, non-zero normal vectors of n [..., 3]."""
-    return np.isfinite(n).all(-1) & (np.linalg.norm(np.nan_to_num(n), axis=-1) > 1e-6)
+    return np.isfinite(n).all(-1) & (_norm(np.nan_to_num(n)) > 1e-6)
 
 
 def encode_normals(n: np.ndarray) -> np.ndarray:
     """Unit normals [..., 3] -> uint8 RGB [..., 3]; invalid -> 128 gray."""
-    n = np.nan_to_num(np.asarray(n, np.float64))
-    ok = normal_valid(n)
-    n = n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-    return to_uint8(np.where(ok[..., None], (n + 1.0) * 127.5, 127.5))
+    n = np.nan_to_num(np.asarray(n, np.float32))
+    norm = _norm(n)[..., None]
+    rgb = (n / np.maximum(norm, 1e-12) + 1.0) * 127.5
+    return to_uint8(np.where(norm > 1e-6, rgb, 127.5))
 
 
 def decode_normals(rgb: np.ndarray) -> np.ndarray:
     """RGB in [0, 255] [..., 3] -> unit normals float32 [..., 3] (renormalised)."""
-    n = rgb.astype(np.float64) / 127.5 - 1.0
-    norm = np.linalg.norm(n, axis=-1, keepdims=True)
-    unit = np.where(norm > 1e-6, n / np.maximum(norm, 1e-12), np.array([0.0, 0.0, 1.0]))
-    return unit.astype(np.float32)
+    n = np.asarray(rgb, np.float32) / 127.5 - 1.0
+    norm = _norm(n)[..., None]
+    up = np.array([0.0, 0.0, 1.0], np.float32)
+    return np.where(norm > 1e-6, n / np.maximum(norm, 1e-12), up).astype(np.float32)
 
 
 @register

@@ -141,7 +141,7 @@ def flow_max_mag(flow: np.ndarray) -> float:
 
 def encode_flow(flow: np.ndarray, max_mag: float) -> np.ndarray:
     """Flow float [..., 2] (dy, dx) -> uint8 [..., 3] HSV colour wheel (see module doc)."""
-    f = np.nan_to_num(np.asarray(flow, np.float64))
+    f = np.nan_to_num(np.asarray(flow, np.float32))
     hue = np.mod(np.arctan2(f[..., 0], f[..., 1]) / (2 * np.pi), 1.0)
     val = np.clip(np.hypot(f[..., 0], f[..., 1]) / max_mag, 0.0, 1.0)
     hsv = np.stack([hue, np.ones_like(hue), val], -1)
