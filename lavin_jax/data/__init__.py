@@ -1,0 +1,1 @@
+"""Data sources (TFDS builders read as random-access ArrayRecord data sources)."""
