@@ -8,8 +8,11 @@ or non-finite) are drawn black. Log depth spreads the 8 bits evenly in *relative
 round trip error is at most half a gray step,
     |d_hat / d - 1| <= exp(log(far / near) / 510) - 1     (0.45 % for far/near = 10),
 which is the bound the tests check. Decoding needs (near, far): ``context`` carries them (or
-``ctx`` may be the example itself). Without them decode returns *relative* depth assuming
-far/near = ``default_ratio`` and near = 1, for scale-(and-shift-)aligned metrics.
+``ctx`` may be the example itself). They come from the ground truth, so "metric" scores of a
+decoded prediction are range-aligned to the truth, much like the scale-and-shift alignment of
+affine-invariant depth evaluations (the image alone fixes depth only up to that range).
+Without them decode returns *relative* depth assuming far/near = ``default_ratio`` and
+near = 1, for scale-(and-shift-)aligned metrics.
 For clips (video depth) one range covers the whole clip so brightness is comparable over time.
 """
 
