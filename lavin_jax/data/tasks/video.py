@@ -191,10 +191,12 @@ class OpticalFlowTask(ClipWindow, FlowFrames):
 @register
 class DepthToVideoTask(Swapped):
     name = "depth_to_video"
+    metrics = ("fvd", "psnr")
     base = VideoDepthTask
 
 
 @register
 class NormalToVideoTask(Swapped):
     name = "normal_to_video"
+    metrics = ("fvd", "psnr")
     base = VideoNormalsTask
