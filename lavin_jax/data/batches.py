@@ -5,7 +5,7 @@ Every iterator yields this process's slice of the global batch as a dict of nump
 ``bad_records`` counter.
 
 - ``episodes``: Grain pipeline of task episodes packed into J-DiT rows (lavin_jax/data/pipeline).
-- ``frames``:  RGB frames/clips in [-1, 1] for the ST-VAE (lavin_jax/data/pipeline).
+- ``frames``:  RGB frames/clips in [-1, 1] for the ST-VAE (lavin_jax/data/frames).
 - ``synthetic``: deterministic random batches of the right shapes, for benchmarks and for tests
   of the training loop itself (kill-and-resume, multi-process); no learning signal.
 """
@@ -87,8 +87,12 @@ def make_iterator(cfg: ml_collections.ConfigDict, objective=None):
     if kind == "synthetic":
         make = synthetic_frames(cfg) if cfg.objective.name == "vae" else synthetic_packed(cfg)
         return SyntheticBatches(cfg, make)
-    if kind in ("episodes", "frames"):
+    if kind == "episodes":
         from lavin_jax.data import pipeline
 
         return pipeline.make_train_iterator(cfg)
+    if kind == "frames":
+        from lavin_jax.data import frames
+
+        return frames.make_frames_iterator(cfg)
     raise ValueError(f"config.data.kind={kind!r}; use 'episodes', 'frames' or 'synthetic'")
