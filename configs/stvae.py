@@ -48,7 +48,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         param_dtype="float32",
         dtype="float32",
     ))
-    # Training objective (reconstruction / KL / perceptual / GAN weights): filled in by the
-    # objective (lavin_jax/objectives/vae.py).
-    cfg.objective = ml_collections.ConfigDict()
+    # --- cfg.objective (owned by lavin_jax/objectives/vae.py, where every key is documented) ---
+    from lavin_jax.objectives.vae import default_config as objective_defaults
+
+    cfg.objective = objective_defaults()  # l1 1, kl 1e-6, hinge GAN (disc_weight 0.5, adaptive)
+    cfg.objective.disc_start = 1000 if demo else 50_000
+    cfg.objective.disc.channels = 32 if demo else 64
+    # Perceptual (LPIPS) term: off; to use it set perceptual_weight (e.g. 1.0) and
+    # perceptual_path to a .npz/.safetensors of VGG16 (+ LPIPS heads). Nothing is downloaded.
+    # --- end cfg.objective ---
     return cfg

@@ -25,13 +25,14 @@ import ml_collections
 import optax
 from flax import nnx
 
+from lavin_jax import optim
 from lavin_jax.models.discriminator import DiscConfig, Discriminator
 from lavin_jax.objectives.perceptual import FeatureNet
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The ``objective`` block of configs/stvae.py (every key the VAE objective reads)."""
-    optim = dict(lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0, warmup_steps=0, grad_clip=1.0)
+    gan_adam = optim.default_config(b1=0.5, b2=0.9)  # the usual GAN betas (taming, pix2pix)
     return ml_collections.ConfigDict(dict(
         name="vae",
         input_key="video",  # batch[input_key]: [B, T, H, W, 3] in [-1, 1] (T = 1 for images)
@@ -47,8 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
         adaptive_weight_max=1e4,
         disc=dict(channels=64, n_layers=3, frame=True, clip=True, temporal_kernel=3,
                   param_dtype="float32", dtype="float32"),
-        optim_vae=dict(optim),
-        optim_disc=dict(optim),
+        optim_vae=gan_adam,  # lavin_jax/optim.py keys
+        optim_disc=gan_adam.copy_and_resolve_references(),
     ))
 
 
@@ -82,19 +83,6 @@ def adaptive_weight(nll_grad: Any, g_grad: Any, max_weight: float = 1e4) -> jax.
     """||nll_grad|| / (||g_grad|| + 1e-4), clipped to [0, max_weight], stop-gradiented."""
     w = _global_norm(nll_grad) / (_global_norm(g_grad) + 1e-4)
     return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
-
-
-def make_optimizer(ocfg: ml_collections.ConfigDict | dict) -> optax.GradientTransformation:
-    """AdamW (linear warmup, then constant lr) with global-norm clipping; decay on kernels only."""
-    o = dict(ocfg)
-    lr = o["lr"]
-    if o.get("warmup_steps", 0) > 0:
-        lr = optax.linear_schedule(0.0, o["lr"], int(o["warmup_steps"]))
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adam = optax.adamw(lr, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"],
-                       mask=decay_mask)
-    clip = o.get("grad_clip", 0.0)
-    return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
 
 
 def decode_with_pullback(vae: nnx.Module, z: jax.Array) -> tuple[jax.Array, Callable]:
@@ -155,7 +143,7 @@ class VAEObjective:
     def optimizer(self, group: str) -> optax.GradientTransformation:
         if group not in self.groups:
             raise ValueError(f"VAE objective: unknown group {group!r}; use one of {self.groups}")
-        return make_optimizer(self.ocfg[f"optim_{group}"])
+        return optim.make_optimizer(self.ocfg[f"optim_{group}"])
 
     def loss(self, group: str, modules: dict[str, nnx.Module], batch: dict[str, Any],
              rng: jax.Array, step: jax.Array, aux: dict[str, Any]
