@@ -56,4 +56,51 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     cfg.sample = ml_collections.ConfigDict(dict(
         num_steps=20, grid="official", method="euler", cfg_scale=1.5, shift=1.0,
     ))
+    cfg.data = data_config(arg)
     return cfg
+
+
+# ---- data (issue 4: episodes, latent cache, packing, the Grain pipeline) ---------------------
+# Training tasks (foreground / single_detection are held out, as in the paper).
+IMAGE_TASKS = ("depth", "normals", "panoptic", "detection", "pose", "edges", "colorization",
+               "inpainting", "gaussian_deblur", "motion_deblur", "deraining", "denoising",
+               "low_light", "depth_to_image", "normal_to_image", "pose_to_image")
+VIDEO_TASKS = ("frame_prediction", "video_depth", "video_normals", "optical_flow",
+               "video_segmentation", "depth_to_video", "normal_to_video")
+
+
+def data_config(arg: str) -> ml_collections.ConfigDict:
+    demo = arg == "demo"
+    res = 64 if demo else 256
+    tasks = {t: 1.0 for t in IMAGE_TASKS[:10]} if demo else {
+        **{t: 1.0 for t in IMAGE_TASKS}, **{t: 0.5 for t in VIDEO_TASKS}}
+    return ml_collections.ConfigDict(dict(
+        kind="episodes",  # lavin_jax/data/batches.py -> lavin_jax/data/pipeline.py
+        mode="cache",  # "cache": latents from `python -m lavin_jax.encode`; "render": host encode
+        data_dir="runs/data",  # TFDS sources (prepared on first use)
+        split="train",
+        sources={"image": f"synthetic_scenes/{res}", "video": f"synthetic_scenes/clips5_{res}"},
+        task_sources={},  # {task: source} overrides
+        tasks=tasks,  # {task: weight}; task ids follow the sorted names
+        task_options={},  # {task: {option: value}}
+        pairs=[1.0] * 8,  # weights of N = 1..8 context pairs
+        # Square pixel sizes (or [h, w]); rows mix resolutions. Demo: 64 px = 16x16 latents =
+        # 64 tokens/frame with the demo VAE (4x) and patch 2; 48 px = 36 tokens/frame.
+        resolutions=[64, 48] if demo else [256, 192],
+        resolution_weights=[1.0, 1.0],
+        # Packed rows: Lc cond + Lx target tokens, <= max_segments episodes. Lx is chosen from the
+        # mixture for this Lc (`python -m lavin_jax.tools.bench pipeline` prints the best).
+        cond_len=1152 if demo else 8192,
+        target_len=136 if demo else 1024,
+        max_segments=16 if demo else 48,
+        lookahead=64,  # episodes the packer looks ahead
+        global_batch=4 if demo else 256,  # packed rows per step, all processes
+        seed=0,  # episodes, cache shuffling, context dropout (cfg.flow.context_dropout)
+        read_threads=2,  # map threads per process
+        workers=0,  # Grain worker processes per process (mp_prefetch); 0 = in-process
+        prefetch=2,  # batches prefetched by a thread
+        cache_dir="runs/demo/latents" if demo else "",  # or {dir: weight} to mix caches
+        cache_episodes=4096 if demo else 1_000_000,  # episodes the cache job writes
+        cache_dtype="float16",
+        vae_checkpoint="",  # ST-VAE params checkpoint (lavin_jax.checkpoint) for the cache job
+    ))
