@@ -160,8 +160,9 @@ def sample_scene(rng: np.random.Generator, clip: bool = False) -> SceneSpec:
     target = np.array([rng.uniform(-0.5, 0.5), rng.uniform(0.3, 1.0), rng.uniform(-0.5, 0.5)])
     orbit = np.array([rng.uniform(0, 2 * np.pi), rng.uniform(8, 35) * deg, rng.uniform(3.4, 5.8)])
     d0 = orbit[2]
-    rate = np.array([rng.uniform(-0.05, 0.05), rng.uniform(-0.01, 0.01),
-                     rng.uniform(max(-0.1, (3.2 - d0) / HORIZON), min(0.1, (6.5 - d0) / HORIZON))])
+    dolly = (max(-0.15, (3.2 - d0) / HORIZON), min(0.15, (6.5 - d0) / HORIZON))  # stay 3.2..6.5
+    spin = rng.choice([-1, 1]) * rng.uniform(0.02, 0.08)
+    rate = np.array([spin, rng.uniform(-0.01, 0.01), rng.uniform(*dolly)])
     rate = rate if clip else np.zeros(3)
     roll, fov = rng.uniform(-5, 5) * deg, rng.uniform(45, 65) * deg
     steps = HORIZON + 1 if clip else 1
@@ -219,7 +220,7 @@ def sample_scene(rng: np.random.Generator, clip: bool = False) -> SceneSpec:
 def _sample_object(rng: np.random.Generator, cls: int, mat0: int, clip: bool) -> Obj:
     moving = clip and rng.uniform() < 0.7
     heading = rng.uniform(0, 2 * np.pi)
-    speed = rng.uniform(0.02, 0.08) if moving else 0.0
+    speed = rng.uniform(0.03, 0.12) if moving else 0.0
     vel = speed * np.array([np.sin(heading), 0.0, np.cos(heading)])
     spin = rng.uniform(-0.12, 0.12) if moving else 0.0
     yaw = rng.uniform(0, 2 * np.pi)
@@ -227,7 +228,7 @@ def _sample_object(rng: np.random.Generator, cls: int, mat0: int, clip: bool) ->
         s = rng.uniform(1.3, 1.9)
         pose = _figure_pose(rng, clip)
         walk = pose["gait_amp"][0] > 0
-        vel = rng.uniform(0.02, 0.06) * np.array([np.sin(yaw), 0.0, np.cos(yaw)]) if walk else vel
+        vel = rng.uniform(0.03, 0.08) * np.array([np.sin(yaw), 0.0, np.cos(yaw)]) if walk else vel
         spin = rng.uniform(-0.04, 0.04) if walk else spin
         return Obj(FIGURE, np.zeros(3), yaw, np.array([s, s, s]), (mat0, mat0 + 1, mat0 + 2),
                    vel=vel, yaw_rate=spin, pose=pose)  # fmt: skip
