@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def load_source(name: str, data_dir: str | Path, split: str, config: str | None 
             f"dataset {name}/{_config_name(b)} is not prepared in {data_dir}: run "
             f"`{prepare_command(name, data_dir, _config_name(b))}`"
         )
-    if split not in b.info.splits:
+    if re.split(r"[\[+]", split)[0] not in b.info.splits:  # "train[:10%]" is fine too
         raise ValueError(f"dataset {name}/{_config_name(b)} has no split {split!r}; "
                          f"available: {', '.join(b.info.splits)}")  # fmt: skip
     return b.as_data_source(split=split)

@@ -187,11 +187,13 @@ def _hit_t(kind: int, o: np.ndarray, d: np.ndarray, size: np.ndarray, tmin: floa
 def bounding_radius(prims: Primitives) -> np.ndarray:
     """[P] radius of a ball about each centre that contains the primitive."""
     r, h = prims.size[:, 0], prims.size[:, 1]
-    return np.select(
+    rad = np.select(
         [prims.kind == SPHERE, prims.kind == BOX, prims.kind == CYLINDER],
         [r, np.linalg.norm(prims.size, axis=-1), np.hypot(r, h)],
         h + r,
     )
+    # A hair larger: culling must never decide a grazing hit (BLAS rounding differs by machine).
+    return rad * (1 + 1e-6) + 1e-9
 
 
 def _ball_test(c: np.ndarray, rad: np.ndarray, origins, dirs, tmin: float) -> np.ndarray:
