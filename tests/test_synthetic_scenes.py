@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lavin_jax.data import raycast as rc
-from lavin_jax.data import render, scenes
+from lavin_jax.data import render, scenes, shading
 from lavin_jax.data.render import render_clip, render_example
 
 R = 32  # test resolution
@@ -52,7 +52,7 @@ def _cam_rays(cam: rc.Camera) -> np.ndarray:
 def test_sphere_depth_and_normals_are_exact():
     cam = _camera()
     c_world = np.array([0.3, 1.2, 4.0])
-    out = rc.render(_room_scene(_one(rc.SPHERE, c_world, [1.0, 0, 0])), cam)
+    out = shading.render(_room_scene(_one(rc.SPHERE, c_world, [1.0, 0, 0])), cam)
     d = _cam_rays(cam)
     c = (c_world - cam.position) @ cam.rotation  # centre in the camera frame
     a, b = (d * d).sum(-1), (d * c).sum(-1)
@@ -69,7 +69,7 @@ def test_sphere_depth_and_normals_are_exact():
 
 def test_floor_and_wall_depth_and_normals_are_exact():
     cam = _camera(pos=(0.0, 1.5, 0.0), target=(0.0, 1.5, 5.0))
-    out = rc.render(_room_scene(), cam)
+    out = shading.render(_room_scene(), cam)
     d = _cam_rays(cam)
     floor = out["normal_cam"][..., 1] < -0.99  # camera y is down: the floor faces -y
     wall = out["normal_cam"][..., 2] < -0.99  # the far wall faces the camera
@@ -85,7 +85,7 @@ def test_front_faces_are_exact(kind, size):
     """A face-on box / an upright cylinder / capsule seen from the front: depth at the centre
     column and normals against closed forms."""
     cam = _camera(pos=(0.0, 1.5, 0.0), target=(0.0, 1.5, 5.0), res=R + 1)  # a centre pixel
-    out = rc.render(_room_scene(_one(kind, [0.0, 1.5, 4.0], size)), cam)
+    out = shading.render(_room_scene(_one(kind, [0.0, 1.5, 4.0], size)), cam)
     i = j = R // 2
     near = 4.0 - (size[2] if kind == rc.BOX else size[0])
     assert out["prim"][i, j] == 0

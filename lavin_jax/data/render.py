@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from lavin_jax.data import raycast as rc
-from lavin_jax.data import scenes
+from lavin_jax.data import scenes, shading
 
 _IMAGE, _CLIP = 0, 1  # seed-stream tags: images and clips of one seed are different scenes
 
@@ -96,7 +96,7 @@ def render_example(seed: int, resolution: int) -> dict[str, np.ndarray]:
     check_args(resolution)
     spec = scenes.sample_scene(np.random.default_rng([seed, _IMAGE]), clip=False)
     scene, cam = scenes.build(spec, 0.0, resolution)
-    out = rc.render(scene, cam)
+    out = shading.render(scene, cam)
     inst, sem = _maps(scene, out)
     normals = out["normal_cam"].astype(np.float32)
     edge = edges(out["depth"], normals, inst, out["prim"])
@@ -154,7 +154,7 @@ def render_clip(seed: int, resolution: int, frames: int = 5) -> dict[str, np.nda
     cur = scenes.build(spec, 0.0, resolution)
     for t in range(frames):
         scene, cam = cur
-        out = rc.render(scene, cam)
+        out = shading.render(scene, cam)
         inst, sem = _maps(scene, out)
         acc["frames"].append(np.round(out["rgb"] * 255).astype(np.uint8))
         acc["depth"].append(out["depth"].astype(np.float32))
