@@ -54,15 +54,8 @@ def _build(objective: Objective, seed: int):
     return graphdefs, params, rest
 
 
-def create(
-    objective: Objective, *, seed: int, mesh: Mesh, rules, ema_decay: float = 0.0,
-    ema_groups: tuple[str, ...] | None = None, microbatches: int = 1,
-) -> tuple[Trainable, dict[str, Any]]:
-    """Builds the train state directly sharded over ``mesh`` (never whole on one device)."""
-    txs = {g: objective.optimizer(g) for g in objective.groups}
-    ema_groups = tuple(objective.groups[:1] if ema_groups is None else ema_groups)
-    if ema_decay <= 0:
-        ema_groups = ()
+def _init_fn(objective: Objective, seed: int, txs, ema_groups) -> Callable[[], dict[str, Any]]:
+    """The state initialiser (traced under jit with out_shardings, or under eval_shape)."""
 
     def init() -> dict[str, Any]:
         _, params, rest = _build(objective, seed)
@@ -78,13 +71,28 @@ def create(
             "streak": jnp.zeros((), jnp.int32),
         }
 
+    return init
+
+
+def abstract(
+    objective: Objective, *, seed: int, mesh: Mesh, rules, ema_decay: float = 0.0,
+    ema_groups: tuple[str, ...] | None = None, microbatches: int = 1,
+) -> Trainable:
+    """The Trainable with shardings and abstract state (ShapeDtypeStructs), no arrays built.
+
+    ``mesh`` may hold compile-only devices (lavin_jax/aot.py compiles for a TPU topology).
+    """
+    txs = {g: objective.optimizer(g) for g in objective.groups}
+    ema_groups = tuple(objective.groups[:1] if ema_groups is None else ema_groups)
+    if ema_decay <= 0:
+        ema_groups = ()
     graphdefs, abs_params, abs_rest = jax.eval_shape(lambda: _build(objective, seed))
     replicated = NamedSharding(mesh, PartitionSpec())
     p_shard = {g: nnx.to_pure_dict(sharding.state_shardings(p, mesh, rules))
                for g, p in abs_params.items()}
     r_shard = {g: nnx.to_pure_dict(sharding.state_shardings(r, mesh, rules))
                for g, r in abs_rest.items()}
-    abstract = jax.eval_shape(init)
+    abstract = jax.eval_shape(_init_fn(objective, seed, txs, ema_groups))
     opt_shard = {
         g: optax.tree_map_params(
             txs[g], lambda _, s: s, abstract["opt"][g], p_shard[g],
@@ -97,13 +105,23 @@ def create(
         "opt": opt_shard, "ema": {g: p_shard[g] for g in ema_groups},
         "skipped": replicated, "streak": replicated,
     }
-    with sharding.use_rules(mesh, rules):
-        state = jax.jit(init, out_shardings=shardings)()
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    trainable = Trainable(objective, graphdefs, txs, ema_groups, ema_decay, microbatches,
-                          shardings, abstract)
-    return trainable, state
+    return Trainable(objective, graphdefs, txs, ema_groups, ema_decay, microbatches,
+                     shardings, abstract)
+
+
+def create(
+    objective: Objective, *, seed: int, mesh: Mesh, rules, ema_decay: float = 0.0,
+    ema_groups: tuple[str, ...] | None = None, microbatches: int = 1,
+) -> tuple[Trainable, dict[str, Any]]:
+    """Builds the train state directly sharded over ``mesh`` (never whole on one device)."""
+    tr = abstract(objective, seed=seed, mesh=mesh, rules=rules, ema_decay=ema_decay,
+                  ema_groups=ema_groups, microbatches=microbatches)
+    init = _init_fn(objective, seed, tr.txs, tr.ema_groups)
+    with sharding.use_rules(mesh, rules):
+        state = jax.jit(init, out_shardings=tr.state_shardings)()
+    return tr, state
 
 
 def _split_micro(batch: Any, k: int) -> Any:
