@@ -46,7 +46,7 @@ def decode_normals(rgb: np.ndarray) -> np.ndarray:
 class NormalsTask(Task):
     name = "normals"
     requires = ("image", "normals")
-    metrics = ("mean_angle", "median_angle", "within_11_25")
+    metrics = ("mean_angle", "median_angle", "within_11_25", "within_22_5", "within_30")
     higher_is_better = False
 
     def draw(self, example, choice):

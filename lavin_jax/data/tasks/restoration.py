@@ -37,7 +37,7 @@ class RestorationTask(Task):
     """Subclasses implement ``params`` (random strengths) and ``degrade`` (x float [H,W,3])."""
 
     requires = ("image",)
-    metrics = ("psnr", "ssim")
+    metrics = ("psnr", "ssim", "mse")
 
     def params(self, h: int, w: int, rng: np.random.Generator) -> dict:
         return {}
@@ -69,7 +69,7 @@ class RestorationTask(Task):
 @register
 class ColorizationTask(RestorationTask):
     name = "colorization"
-    metrics = ("mse", "lpips")
+    metrics = ("mse", "lpips", "psnr", "ssim")
     higher_is_better = False
 
     def degrade(self, x, choice):
@@ -79,7 +79,7 @@ class ColorizationTask(RestorationTask):
 @register
 class InpaintingTask(RestorationTask):
     name = "inpainting"
-    metrics = ("fid", "psnr")
+    metrics = ("fid", "psnr", "ssim", "mse")
     higher_is_better = False
 
     def params(self, h, w, rng):
