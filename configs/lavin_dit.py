@@ -90,8 +90,8 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         resolution_weights=[1.0, 1.0],
         # Packed rows: Lc cond + Lx target tokens, <= max_segments episodes. Lx is chosen from the
         # mixture for this Lc (`python -m lavin_jax.tools.bench pipeline` prints the best).
-        cond_len=1152 if demo else 8192,
-        target_len=136 if demo else 1024,
+        cond_len=1536 if demo else 10240,
+        target_len=192 if demo else 1024,
         max_segments=16 if demo else 48,
         lookahead=64,  # episodes the packer looks ahead
         global_batch=4 if demo else 256,  # packed rows per step, all processes

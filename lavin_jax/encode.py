@@ -71,7 +71,7 @@ class ToyEncoder:
 class VaeEncoder:
     """The frozen ST-VAE's normalised posterior mean, jitted, batch split over local devices."""
 
-    def __init__(self, vae: Any):
+    def __init__(self, vae: Any, chunk: int = 32):
         import jax
         from flax import nnx
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -80,6 +80,7 @@ class VaeEncoder:
         self.channels = vae.cfg.latent_channels
         graphdef, state = nnx.split(vae)
         self._devices = jax.local_devices()
+        self.chunk = -(-chunk // len(self._devices)) * len(self._devices)
         mesh = Mesh(np.asarray(self._devices), ("batch",))
         self._sharding = NamedSharding(mesh, PartitionSpec("batch"))
         self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
@@ -98,12 +99,13 @@ class VaeEncoder:
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         import jax
 
-        n = frames.shape[0]
-        d = len(self._devices)
-        bucket = d * max(1, 1 << (max(1, -(-n // d)) - 1).bit_length())  # few compiled sizes
-        pad = np.zeros((bucket - n, *frames.shape[1:]), frames.dtype)
-        x = jax.device_put(np.concatenate([frames, pad]), self._sharding)
-        return np.asarray(self._enc(self._state, x))[:n]
+        # Fixed-size chunks (padded): one compiled program per item shape.
+        n, c = frames.shape[0], self.chunk
+        pad = np.zeros((-n % c, *frames.shape[1:]), frames.dtype)
+        x = np.concatenate([frames, pad])
+        out = [np.asarray(self._enc(self._state, jax.device_put(x[i:i + c], self._sharding)))
+               for i in range(0, len(x), c)]
+        return np.concatenate(out)[:n]
 
 
 def load_encoder(cfg) -> Any:

@@ -9,6 +9,7 @@ stream, whose element at position ``pos`` is a packable item (packer.episode_ite
                  several caches (``data.cache_dir`` = {dir: weight}) are mixed by weight.
   mode "render": episode indices p, p + P, ... -> render (episodes.py) -> encode on the host
                  with the given encoder (small runs, tests; the cache job uses the same path).
+  mode "online": like "render" but packs pixels; the train step encodes (data/online.py).
 
 Context dropout (CFG) is drawn per stream position and applied before packing. Then:
 to_iter_dataset (read threads) -> optional mp_prefetch (``data.workers`` processes) ->
@@ -171,6 +172,49 @@ def render_stream(cfg, process_index: int, process_count: int, encoder: Callable
     return ds.map_with_index(make)
 
 
+def online_stream(cfg, process_index: int, process_count: int, latent_shape: Callable,
+                  sources: Mapping[str, Sequence[Any]] | None = None):
+    """Mode "online": rendered pixel items (data/online.py); returns (stream, assembler)."""
+    from lavin_jax.data import online
+
+    sampler, sources, tasks = episode_sources(cfg, sources)
+    video = sorted({t.name for t in tasks if tuple(t.frames) != (1, 1)})
+    if video:
+        raise ValueError(f"config.data.mode='online' takes image tasks only; {video} have "
+                         f"multi-frame items: use the latent cache (mode='cache')")
+    patch = int(cfg.model.patch_size)
+    seed, prob = int(cfg.data.seed), float(cfg.flow.context_dropout)
+    res_k = {r: k for k, r in enumerate(sampler.resolutions)}
+
+    def make(pos: int, index: int) -> dict[str, Any]:
+        try:
+            spec = sampler.spec(index)
+            r = render_spec(spec, tasks, sources)
+        except Exception as e:  # noqa: BLE001 - an unreadable example is skipped and counted
+            log.warning("episode %d: rendering failed: %r", index, e)
+            return _bad(pos, "render_error", f"episode {index}: {type(e).__name__}: {e}")
+        return online.pixel_item(r["items"], res_k[spec.resolution], latent_shape, patch,
+                                 _dropped(seed, 0, index, prob), pos=pos, index=index,
+                                 task_id=spec.task_id, n_pairs=spec.n_pairs)
+
+    tpf = [online.tokens_per_frame(latent_shape, r, patch) for r in sampler.resolutions]
+    assemble = online.OnlineAssembler(row_spec(cfg), sampler.resolutions, tpf)
+    ds = grain.MapDataset.range(process_index, STREAM_LEN, process_count)
+    return ds.map_with_index(make), assemble
+
+
+def vae_latent_shape(cfg) -> Callable:
+    """The configured ST-VAE's latent_shape, from its checkpoint's stored config."""
+    from lavin_jax import checkpoint
+    from lavin_jax.models.stvae import STVAEConfig
+
+    path = str(cfg.data.get("vae_checkpoint", "") or "")
+    if not path:
+        raise ValueError("config.data.mode='online' needs config.data.vae_checkpoint (the "
+                         "frozen ST-VAE the train step encodes with)")
+    return STVAEConfig.from_config(checkpoint.load_metadata(path)["configs"]["stvae"]).latent_shape
+
+
 # ------------------------------------------------------------------------------------------
 # The iterator the trainer uses.
 
@@ -236,7 +280,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int | 
     """The trainer's per-process iterator of packed local batches [global_batch / P rows].
 
     ``process_index/count`` default to jax's. ``encoder`` (mode "render"; default: the
-    configured VAE, encode.load_encoder) and ``sources`` (in-memory sources) serve tests.
+    configured VAE, encode.load_encoder; mode "online" takes only its latent_shape) and
+    ``sources`` (in-memory sources) serve tests.
     """
     if process_index is None or process_count is None:
         import jax
@@ -249,6 +294,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int | 
                          f"{process_count} processes")
     spec = row_spec(cfg)
     mode = str(d.get("mode", "cache"))
+    assemble = None
     if mode == "cache":
         stream = cache_stream(cfg, process_index, process_count)
     elif mode == "render":
@@ -257,8 +303,11 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int | 
 
             encoder = load_encoder(cfg)
         stream = render_stream(cfg, process_index, process_count, encoder, sources)
+    elif mode == "online":
+        shape = encoder.latent_shape if encoder is not None else vae_latent_shape(cfg)
+        stream, assemble = online_stream(cfg, process_index, process_count, shape, sources)
     else:
-        raise ValueError(f"config.data.mode={mode!r}; use 'cache' or 'render'")
+        raise ValueError(f"config.data.mode={mode!r}; use 'cache', 'online' or 'render'")
     ds = stream.to_iter_dataset(grain.ReadOptions(
         num_threads=int(d.get("read_threads", 2)),
         prefetch_buffer_size=int(d.get("read_buffer", 16))))
@@ -270,7 +319,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, process_index: int | 
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=int(d.get("worker_buffer", 4))))
-    ds = packer.PackIterDataset(ds, spec, int(d.lookahead), lookup=stream.__getitem__)
+    ds = packer.PackIterDataset(ds, spec, int(d.lookahead), lookup=stream.__getitem__,
+                                assemble=assemble)
     ds = ds.batch(rows // process_count, drop_remainder=True)
     if int(d.get("prefetch", 0)) > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(

@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS = {
     "jdit": "lavin_jax.tools.bench_jdit",
     "stvae": "lavin_jax.tools.bench_stvae",
+    "pipeline": "lavin_jax.tools.bench_pipeline",
 }
 
 
