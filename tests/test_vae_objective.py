@@ -52,6 +52,13 @@ class TinyVAE(nnx.Module):
         return self.dec
 
 
+class RematVAE(TinyVAE):
+    """TinyVAE whose decoder runs under nnx.remat (as the release STVAE's resnets do)."""
+
+    def decode(self, z):
+        return nnx.remat(lambda m, z: z @ m.dec[...])(self, z)
+
+
 class LinearDisc(nnx.Module):
     """Stand-in discriminator with known gradients: one logit per pixel, x @ a."""
 
@@ -168,6 +175,20 @@ def test_generator_gradient_is_the_plain_one_with_the_weight_held():
     g_plain = jax.jit(jax.grad(plain))(params["vae"])
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_plain)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_weight_with_a_rematerialised_decoder():
+    """nnx.remat inside the decoder writes Variables back; the last-layer VJP must allow it."""
+    obj = objective()
+    mods = tiny_modules(obj)
+    with nnx.use_eager_sharding(False):
+        remat = RematVAE(nnx.Rngs(key(0)))
+    nnx.update(remat, nnx.state(mods["vae"]))
+    x = video(10, (1, 3, 16, 16, 3))
+    loss, (logs, _) = run_loss(obj, "vae", mods, x, 5)
+    loss_r, (logs_r, _) = run_loss(obj, "vae", {**mods, "vae": remat}, x, 5)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    np.testing.assert_allclose(logs_r["adaptive_weight"], logs["adaptive_weight"], rtol=1e-6)
 
 
 def test_gan_terms_are_off_before_disc_start():

@@ -96,6 +96,9 @@ def decode_with_pullback(vae: nnx.Module, z: jax.Array) -> tuple[jax.Array, Call
     if path is None:
         raise ValueError("vae.last_decoder_layer_kernel() is not a Param of the VAE")
     graphdef, last, rest = nnx.split(vae, lambda p, _: tuple(p) == tuple(path), ...)
+    # Pure dicts: merge must make fresh Variables inside the vjp trace (nnx.remat in the model
+    # writes back into them, which NNX forbids for Variables of an outer trace).
+    last, rest = nnx.to_pure_dict(last), nnx.to_pure_dict(rest)
     x_rec, vjp = jax.vjp(lambda w: nnx.merge(graphdef, w, rest).decode(z), last)
     return x_rec, lambda ct: vjp(ct)[0]
 
