@@ -18,7 +18,8 @@ import ml_collections
 from flax import nnx
 
 from lavin_jax.models.layers import LayerNorm, dtype_of
-from lavin_jax.models.stvae_blocks import Conv
+from lavin_jax.models.stvae_blocks import ACT_NAMES, Conv
+from lavin_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +82,9 @@ class PatchDiscriminator(nnx.Module):
         if self.out_size(min(x.shape[-3:-1])) < 1:
             raise ValueError(f"discriminator input {x.shape[-3:-1]} is too small for "
                              f"{self.n_layers} layers; lower objective.disc.n_layers")
-        h = jax.nn.leaky_relu(self.convs[0](x), 0.2)
+        h = constrain(jax.nn.leaky_relu(self.convs[0](x), 0.2), ACT_NAMES)
         for conv, norm in zip(self.convs[1:], self.norms):
-            h = jax.nn.leaky_relu(norm(conv(h)), 0.2)
+            h = constrain(jax.nn.leaky_relu(norm(conv(h)), 0.2), ACT_NAMES)
         return self.out(h).astype(jnp.float32)
 
 

@@ -198,11 +198,9 @@ class VAEObjective:
         return loss, (logs, {"recon": jax.lax.stop_gradient(x_rec)})
 
     def _disc_loss(self, disc, x, recon, on):
-        fake = jax.lax.stop_gradient(recon)
-        logits = disc(jnp.concatenate([x, fake], axis=0))  # one pass for real and fake
-        b = x.shape[0]
-        real = {k: v[:b] for k, v in logits.items()}
-        fake_l = {k: v[b:] for k, v in logits.items()}
+        # Two passes rather than one on concat([x, fake]): a concat along the sharded batch axis
+        # would reshuffle whole clips between devices.
+        real, fake_l = disc(x), disc(jax.lax.stop_gradient(recon))
         d = hinge_d_loss(real, fake_l)
         loss = on * d
         mean_of = lambda t: sum(jnp.mean(v) for v in t.values()) / len(t)
