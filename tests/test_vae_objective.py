@@ -292,6 +292,13 @@ def test_discriminator_heads_shapes_and_names():
 
 
 def test_registry_and_config_errors(tmp_path):
+    from configs import stvae
+
+    for variant in ("demo", "release"):  # the config files' objective block reads cleanly
+        full = stvae.get_config(variant)
+        obj = get_objective(full.objective.name, full)
+        assert isinstance(obj, VAEObjective) and obj.perceptual is None  # off by default
+        assert obj.ocfg.disc_start > 0 and obj.ocfg.optim_disc.b1 == 0.5
     cfg = ml_collections.ConfigDict(dict(objective=dict(disc=TINY_DISC)))
     assert isinstance(get_objective("vae", cfg), VAEObjective)
     with pytest.raises(ValueError, match="unknown objective"):
