@@ -9,7 +9,7 @@ shift/scale start at (0, 1) and are measured on data after training.
 
 import ml_collections
 
-from lavin_jax import sharding
+from lavin_jax import run_config
 
 SHAPES = {
     # block_out_channels, layers_per_block, latent_channels, norm groups, spatial-norm groups
@@ -23,7 +23,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/stvae.py: unknown variant {arg!r}; use {list(SHAPES)}")
     chans, layers, latent, groups, sgroups = SHAPES[arg]
     demo = arg == "demo"
-    cfg = sharding.default_config()
+    cfg = run_config.base_config()
     cfg.variant = arg
     cfg.seed = 0
     cfg.total_steps = 3000 if demo else 200_000
@@ -57,4 +57,20 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # Perceptual (LPIPS) term: off; to use it set perceptual_weight (e.g. 1.0) and
     # perceptual_path to a .npz/.safetensors of VGG16 (+ LPIPS heads). Nothing is downloaded.
     # --- end cfg.objective ---
+    cfg.ema_decay = 0.0
+    # Images and 5-frame clips of the embedded synthetic scenes (prepared on first use).
+    res = 64 if demo else 256
+    cfg.data = ml_collections.ConfigDict(dict(
+        kind="frames",
+        data_dir="runs/data",
+        sources=[
+            dict(name="synthetic_scenes", config=str(res), weight=1.0),
+            dict(name="synthetic_scenes", config=f"clips5_{res}", weight=0.25),
+        ],
+        image_size=res,
+        global_batch=8 if demo else 256,
+        seed=0,
+        read_threads=2,
+        prefetch=4,
+    ))
     return cfg
