@@ -91,7 +91,7 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         # Packed rows: Lc cond + Lx target tokens, <= max_segments episodes. Lx is chosen from the
         # mixture for this Lc (`python -m lavin_jax.tools.bench pipeline` prints the best).
         cond_len=1536 if demo else 10240,
-        target_len=192 if demo else 1024,
+        target_len=192 if demo else 1168,
         max_segments=16 if demo else 48,
         lookahead=64,  # episodes the packer looks ahead
         global_batch=4 if demo else 256,  # packed rows per step, all processes
