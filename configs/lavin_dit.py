@@ -76,7 +76,9 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         **{t: 1.0 for t in IMAGE_TASKS}, **{t: 0.5 for t in VIDEO_TASKS}}
     return ml_collections.ConfigDict(dict(
         kind="episodes",  # lavin_jax/data/batches.py -> lavin_jax/data/pipeline.py
-        mode="cache",  # "cache": latents from `python -m lavin_jax.encode`; "render": host encode
+        # "cache": latents from `python -m lavin_jax.encode`; "online": pixels packed, encoded in
+        # the train step (data/online.py; image tasks); "render": encoded on the host (tests).
+        mode="cache",
         data_dir="runs/data",  # TFDS sources (prepared on first use)
         split="train",
         sources={"image": f"synthetic_scenes/{res}", "video": f"synthetic_scenes/clips5_{res}"},
@@ -100,7 +102,7 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         workers=0,  # Grain worker processes per process (mp_prefetch); 0 = in-process
         prefetch=2,  # batches prefetched by a thread
         cache_dir="runs/demo/latents" if demo else "",  # or {dir: weight} to mix caches
-        cache_episodes=4096 if demo else 1_000_000,  # episodes the cache job writes
+        cache_episodes=1024 if demo else 1_000_000,  # episodes the cache job writes
         cache_dtype="float16",
         vae_checkpoint="",  # ST-VAE params checkpoint (lavin_jax.checkpoint) for the cache job
     ))

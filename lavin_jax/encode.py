@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: config.data.cache_episodes")
     p.add_argument("--cache_dir", default=None,
                    help="default: config.data.cache_dir, else WORKDIR/latents")
+    p.add_argument("--vae_checkpoint", default=None,
+                   help="default: config.data.vae_checkpoint ('toy': the test stand-in)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import jax
@@ -283,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     from lavin_jax.tools.bench_jdit import load_config
 
     cfg = load_config(args.config)
+    if args.vae_checkpoint is not None:
+        cfg.data.vae_checkpoint = args.vae_checkpoint
     n = args.num_episodes or int(cfg.data.cache_episodes)
     cache_dir = args.cache_dir or cfg.data.get("cache_dir") or os.path.join(args.workdir, "latents")
     res = write_cache(cfg, cache_dir, load_encoder(cfg), n, process_index=jax.process_index(),

@@ -120,6 +120,8 @@ def cache_stream(cfg, process_index: int, process_count: int) -> grain.MapDatase
     parts, weights = [], []
     for k, (cache_dir, weight) in enumerate(dict(dirs).items()):
         meta = read_cache_meta(cache_dir)
+        if meta.get("vae_checkpoint") == "toy":
+            log.warning("latent cache %s was written by the ToyEncoder (tests only)", cache_dir)
         if meta and meta.get("tasks") != want_tasks:
             raise ValueError(f"latent cache {cache_dir} was written for tasks {meta['tasks']} "
                              f"but config.data.tasks is {want_tasks}; re-run the cache job")
