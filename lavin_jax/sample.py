@@ -121,14 +121,17 @@ def load_models(args) -> tuple[Any, Any, dict, dict]:
 
 # ---- the pipeline ----------------------------------------------------------------------------
 class Codec:
-    """Jitted ST-VAE encode / decode between uint8 frames and normalised latents (tiled)."""
+    """Jitted ST-VAE encode / decode between uint8 frames and normalised latents (tiled).
 
-    def __init__(self, vae):
+    ``sharding`` (e.g. NamedSharding(mesh, P("batch"))): inputs are split over its devices
+    (the VAE must be replicated there, see :func:`replicate`)."""
+
+    def __init__(self, vae, sharding=None):
         import jax
         from flax import nnx
 
         graphdef, self._state = nnx.split(vae)
-        self.vae = vae
+        self.vae, self.sharding = vae, sharding
         self._enc = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
         self._dec = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
 
@@ -138,7 +141,7 @@ class Codec:
         With ``batch``, runs in chunks of that many clips, the last one padded (one compiled
         shape per tile shape)."""
         def one(chunk):
-            x = chunk.astype(np.float32) / 127.5 - 1.0
+            x = _put(chunk.astype(np.float32) / 127.5 - 1.0, self.sharding)
             mean, _ = self.vae.tiled_encode(x, encode_fn=lambda t: self._enc(self._state, t))
             return np.asarray(self.vae.normalize(mean), np.float32)
 
@@ -147,11 +150,27 @@ class Codec:
     def decode(self, z: np.ndarray, batch: int | None = None) -> np.ndarray:
         """Normalised latents [n, T', h, w, C] -> uint8 [n, T, H, W, 3] (chunked as encode)."""
         def one(chunk):
-            x = self.vae.tiled_decode(self.vae.denormalize(chunk),
+            x = self.vae.tiled_decode(self.vae.denormalize(_put(chunk, self.sharding)),
                                       decode_fn=lambda t: self._dec(self._state, t))
             return np.asarray(np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255), np.uint8)
 
         return _chunked(one, z, batch)
+
+
+def _put(x: np.ndarray, sharding):
+    import jax
+
+    return x if sharding is None else jax.device_put(x, sharding)
+
+
+def replicate(module, mesh):
+    """``module`` with every variable replicated on ``mesh`` (data-parallel inference)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
 
 
 def _chunked(fn, x: np.ndarray, batch: int | None) -> np.ndarray:
@@ -176,11 +195,13 @@ def check_size(height: int, width: int, jdit, vae) -> None:
 
 
 def sample_targets(jdit, cond: np.ndarray, target_frames: int, *, seed: int,
-                   first_index: int = 0, batch_size: int = 8, **sample_kw) -> np.ndarray:
+                   first_index: int = 0, batch_size: int = 8, sharding=None,
+                   **sample_kw) -> np.ndarray:
     """Target latents [B, target_frames, h, w, C] for cond [B, Tc, h, w, C].
 
     Row i starts from the noise of key fold_in(seed, first_index + i), so results do not
-    depend on the batch size. Batches are padded to ``batch_size`` (one compiled shape).
+    depend on the batch size. Batches are padded to ``batch_size`` (one compiled shape) and
+    split over ``sharding``'s devices when given (a multiple of their count).
     """
     import jax
 
@@ -194,7 +215,7 @@ def sample_targets(jdit, cond: np.ndarray, target_frames: int, *, seed: int,
         idx = [min(i, n - 1) for i in range(batch_size)]  # pad by repeating the last row
         keys = [jax.random.fold_in(jax.random.key(seed), first_index + s + i) for i in idx]
         noise = np.stack([jax.random.normal(k, (target_frames, h, w, c)) for k in keys])
-        z = flow.sample_ode(jdit, noise, rows[idx], **sample_kw)
+        z = flow.sample_ode(jdit, _put(noise, sharding), _put(rows[idx], sharding), **sample_kw)
         out.append(np.asarray(z)[:n])
     return np.concatenate(out)
 
