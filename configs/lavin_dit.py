@@ -101,7 +101,7 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         read_threads=2,  # map threads per process
         workers=0,  # Grain worker processes per process (mp_prefetch); 0 = in-process
         prefetch=2,  # batches prefetched by a thread
-        cache_dir="runs/demo/latents" if demo else "",  # or {dir: weight} to mix caches
+        cache_dir="runs/demo/latents" if demo else "",  # or [(dir, weight), ...] to mix
         cache_episodes=1024 if demo else 1_000_000,  # episodes the cache job writes
         cache_dtype="float16",
         vae_checkpoint="",  # ST-VAE params checkpoint (lavin_jax.checkpoint) for the cache job

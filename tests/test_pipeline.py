@@ -33,8 +33,9 @@ def small_config(mode="render", **over):
     d.cond_len, d.target_len, d.max_segments, d.lookahead = 320, 48, 8, 16
     d.global_batch, d.prefetch, d.read_threads = 2, 0, 1
     cfg.flow.context_dropout = 0.25
-    for k, v in over.items():  # assignment replaces (ConfigDict.update would merge dicts)
-        setattr(d, k, v)
+    with d.ignore_type():  # e.g. cache_dir str -> [(dir, weight)]
+        for k, v in over.items():  # assignment replaces (ConfigDict.update would merge dicts)
+            setattr(d, k, v)
     return cfg
 
 
@@ -268,3 +269,20 @@ def test_online_mode_rows_encode_to_the_render_mode_rows(sources):
     assert_same(take(fresh, 2), expect)
     with pytest.raises(ValueError, match="image tasks only"):
         make_it(small_config("online"), sources)
+
+
+def test_caches_mix_by_weight_and_rows_must_fit(cache, tmp_path, sources):
+    other = small_config(seed=7)
+    encode.write_cache(other, tmp_path, encode.ToyEncoder(), 8, sources=sources)
+
+    def keys(cfg, n):
+        s = pipeline.cache_stream(cfg, 0, 1)
+        return [(s[i]["index"], float(s[i]["x"].sum())) for i in range(n)]
+
+    a = set(keys(small_config("cache", cache_dir=str(cache)), 24))
+    b = set(keys(small_config("cache", cache_dir=str(tmp_path)), 8))
+    mixed = keys(small_config("cache", cache_dir=[(str(cache), 3.0), (str(tmp_path), 1.0)]), 40)
+    assert all(k in a or k in b for k in mixed)
+    assert sum(k in b for k in mixed) == 10  # a quarter of the stream from the second cache
+    with pytest.raises(ValueError, match="largest episode"):
+        make_it(small_config(cond_len=100), sources)

@@ -6,7 +6,7 @@ stream, whose element at position ``pos`` is a packable item (packer.episode_ite
 
   mode "cache":  ArrayRecord shards of the latent cache (lavin_jax/encode.py) -> shuffle(seed)
                  -> this process's slice [p::P] (disjoint) -> repeat (reshuffled each epoch);
-                 several caches (``data.cache_dir`` = {dir: weight}) are mixed by weight.
+                 several caches (``data.cache_dir`` = [(dir, weight), ...]) are mixed by weight.
   mode "render": episode indices p, p + P, ... -> render (episodes.py) -> encode on the host
                  with the given encoder (small runs, tests; the cache job uses the same path).
   mode "online": like "render" but packs pixels; the train step encodes (data/online.py).
@@ -90,6 +90,30 @@ def spec_sizes(sampler: episodes.EpisodeSampler, tasks: Sequence[Any],
     return out
 
 
+def largest_episode(sampler: episodes.EpisodeSampler, tasks: Sequence[Any],
+                    latent_shape: Callable, patch: int) -> tuple[int, int]:
+    """The most (cond, target) tokens one episode of the mixture can have (max pairs)."""
+    big = []
+    for t in tasks:
+        for h, w in sampler.resolutions:
+            frames = [latent_shape(f, h, w)[0] for f in episodes.item_frames(t, sampler.max_pairs)]
+            lh, lw = latent_shape(1, h, w)[1:3]
+            tpf = (lh // patch) * (lw // patch)
+            big.append((sum(frames[:-1]) * tpf, frames[-1] * tpf))
+    return max(b[0] for b in big), max(b[1] for b in big)
+
+
+def check_fits(cfg, sampler, tasks, latent_shape) -> None:
+    """A clear error when the mixture's largest episode cannot fit an empty row."""
+    nc, nx = largest_episode(sampler, tasks, latent_shape, int(cfg.model.patch_size))
+    spec = row_spec(cfg)
+    if not spec.fits(nc, nx):
+        raise ValueError(f"the largest episode of config.data's mixture has {nc} cond + {nx} "
+                         f"target tokens but rows hold data.cond_len={spec.cond_len} + "
+                         f"data.target_len={spec.target_len}: raise them or lower the pairs "
+                         f"or resolutions")
+
+
 # ------------------------------------------------------------------------------------------
 # Stream elements.
 
@@ -115,10 +139,16 @@ def cache_stream(cfg, process_index: int, process_count: int) -> grain.MapDatase
     from lavin_jax.encode import BadRecord, cache_files, from_record, read_cache_meta
 
     d = cfg.data
-    dirs = d.cache_dir if not isinstance(d.cache_dir, str) else {d.cache_dir: 1.0}
+    dirs = d.cache_dir
+    if isinstance(dirs, str):
+        if not dirs:
+            raise ValueError("config.data.cache_dir is empty: name the latent cache written by "
+                             "`python -m lavin_jax.encode` (or set config.data.mode='online')")
+        dirs = [(dirs, 1.0)]
+    dirs = list(dict(dirs).items()) if hasattr(dirs, "items") else [tuple(x) for x in dirs]
     want_tasks = list(dict(d.tasks))
     parts, weights = [], []
-    for k, (cache_dir, weight) in enumerate(dict(dirs).items()):
+    for k, (cache_dir, weight) in enumerate(dirs):
         meta = read_cache_meta(cache_dir)
         if meta.get("vae_checkpoint") == "toy":
             log.warning("latent cache %s was written by the ToyEncoder (tests only)", cache_dir)
@@ -151,6 +181,7 @@ def render_stream(cfg, process_index: int, process_count: int, encoder: Callable
     from lavin_jax.encode import encode_items, latent_episode
 
     sampler, sources, tasks = episode_sources(cfg, sources)
+    check_fits(cfg, sampler, tasks, encoder.latent_shape)
     patch = int(cfg.model.patch_size)
     channels = int(cfg.model.in_channels)
     seed, prob = int(cfg.data.seed), float(cfg.flow.context_dropout)
@@ -184,6 +215,7 @@ def online_stream(cfg, process_index: int, process_count: int, latent_shape: Cal
     if video:
         raise ValueError(f"config.data.mode='online' takes image tasks only; {video} have "
                          f"multi-frame items: use the latent cache (mode='cache')")
+    check_fits(cfg, sampler, tasks, latent_shape)
     patch = int(cfg.model.patch_size)
     seed, prob = int(cfg.data.seed), float(cfg.flow.context_dropout)
     res_k = {r: k for k, r in enumerate(sampler.resolutions)}

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from lavin_jax import encode
-from lavin_jax.data import episodes, packer, pipeline
+from lavin_jax.data import packer, pipeline
 from lavin_jax.tools.bench_jdit import load_config
 
 
@@ -66,15 +66,7 @@ def packing_figures(cfg, sampler, tasks, latent_shape, n: int) -> dict:
     sizes = pipeline.spec_sizes(sampler, tasks, latent_shape, patch, drop, range(n))
     fit = [s for s in sizes if spec.fits(*s)]
     eff = packer.efficiency(packer.plan_rows(fit, spec, int(d.lookahead)), spec)
-    # The largest episode the mixture can produce: max pairs, every task and resolution.
-    big = []
-    for t in tasks:
-        for h, w in sampler.resolutions:
-            frames = [latent_shape(f, h, w)[0] for f in episodes.item_frames(t, sampler.max_pairs)]
-            lh, lw = latent_shape(1, h, w)[1:3]
-            tpf = (lh // patch) * (lw // patch)
-            big.append((sum(frames[:-1]) * tpf, frames[-1] * tpf))
-    max_nc, max_nx = max(b[0] for b in big), max(b[1] for b in big)
+    max_nc, max_nx = pipeline.largest_episode(sampler, tasks, latent_shape, patch)
     lx, lx_eff = packer.suggest_target_len(sizes[:1500], spec.cond_len, spec.max_segments,
                                            int(d.lookahead), step=4)
     return {
