@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from lavin_jax import sharding
+from lavin_jax import checkpoint, sharding
 from lavin_jax.convert.jdit import _fmt, _strip_wrapper, read_safetensors
 from lavin_jax.models.stvae import STVAE, STVAEConfig
 
@@ -139,28 +139,12 @@ def stvae_params_from_state_dict(sd: Mapping[str, np.ndarray], cfg: STVAEConfig,
 
 
 def stvae_from_params(cfg: STVAEConfig, params: Mapping, *, mesh=None, rules=None) -> STVAE:
-    """STVAE with ``params`` (pure dict, shapes already checked) and the latent stats of ``cfg``;
-    nothing is randomly initialised. With ``mesh``, params are placed by their logical names."""
-    graphdef, pstate, rest = _abstract(cfg)
-    flat_want = dict(nnx.traversals.flatten_mapping(nnx.to_pure_dict(pstate)))
-    flat_got = dict(nnx.traversals.flatten_mapping(dict(params)))
-    if set(flat_want) != set(flat_got):
-        raise ValueError(f"params do not fit STVAE: differing paths "
-                         f"{sorted(set(flat_want) ^ set(flat_got))[:10]}")
-    shard = None
-    if mesh is not None:
-        rules = rules if rules is not None else sharding.DEFAULT_RULES
-        shard = dict(nnx.traversals.flatten_mapping(
-            nnx.to_pure_dict(sharding.state_shardings(pstate, mesh, rules))))
-    filled = {k: jax.device_put(np.asarray(flat_got[k]).astype(v.dtype),
-                                shard[k] if shard else None) for k, v in flat_want.items()}
-    nnx.replace_by_pure_dict(pstate, nnx.traversals.unflatten_mapping(filled))
-    stats = {"latent_shift": cfg.latent_shift, "latent_scale": cfg.latent_scale}
-    rest_pure = nnx.to_pure_dict(rest)
-    if set(rest_pure) != set(stats):
-        raise ValueError(f"STVAE has unexpected non-param state {sorted(rest_pure)}")
-    nnx.replace_by_pure_dict(rest, {k: np.asarray(v, np.float32) for k, v in stats.items()})
-    return nnx.merge(graphdef, pstate, rest)
+    """STVAE with ``params`` (pure dict) and the latent stats of ``cfg``; nothing is randomly
+    initialised. With ``mesh``, params are placed by their logical names."""
+    if mesh is not None and rules is None:
+        rules = sharding.DEFAULT_RULES
+    return checkpoint.module_from_params(lambda: STVAE(cfg, rngs=nnx.Rngs(0)), params,
+                                         mesh=mesh, rules=rules)
 
 
 def stvae_from_state_dict(state_dict: Mapping[str, np.ndarray], *,
