@@ -2,9 +2,11 @@
 
 Pixels ``[B, T, H, W, 3]`` in [-1, 1] with T = 1 + 4k (an image is T = 1) map to a diagonal
 Gaussian over latents ``[B, 1 + k, H / s, W / s, C_lat]`` (s = 2 ** (levels - 1)). Causal
-convs pad time by repeating the first frame, so latent frame i never sees input frames past
-its own window; GroupNorm statistics span the whole clip. The decoder's norms are spatial norms
-conditioned on the latent. See lavin_jax/models/stvae_blocks.py for the blocks and
+convs pad time by repeating the first frame, and temporal pooling keeps the first frame alone,
+so latent frame i is computed from input frames <= 4i only -- except through GroupNorm, whose
+statistics span the whole clip (the released design; tests/test_stvae.py checks causality with
+per-frame statistics swapped in). The decoder's norms are spatial norms conditioned on the
+latent. See lavin_jax/models/stvae_blocks.py for the blocks and
 lavin_jax/models/stvae_tiling.py for tiled encode/decode.
 
 ``normalize`` / ``denormalize`` apply the latent shift/scale stored in the model (non-trainable
