@@ -1,0 +1,1 @@
+"""Launchers: Cloud TPU queued resources (tpu.py), GKE via XPK (xpk.py), SLURM (slurm.py)."""
