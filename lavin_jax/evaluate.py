@@ -46,11 +46,9 @@ EVAL_DEFAULTS = {"num_examples": 64, "num_pairs": 4, "split": "test", "resolutio
 
 def eval_settings(cfg: ml_collections.ConfigDict, flags: Mapping[str, Any]) -> dict[str, Any]:
     """Eval and sampler settings: flags over config.eval over config.sample over defaults."""
-    ev = dict(cfg.get("eval") or {})
-    out = {k: ev.get(k, v) for k, v in EVAL_DEFAULTS.items()}
-    out.update({k: v for k, v in dict(sample.DEFAULT_SAMPLE).items()})
-    out.update({k: v for k, v in dict(cfg.get("sample") or {}).items()
-                if k in sample.DEFAULT_SAMPLE})
+    out = {**EVAL_DEFAULTS, **sample.DEFAULT_SAMPLE}
+    for block in (cfg.get("sample"), cfg.get("eval")):
+        out.update({k: v for k, v in dict(block or {}).items() if k in out})
     out.update({k: v for k, v in flags.items() if v is not None})
     if out["resolution"] is None:
         out["resolution"] = list(cfg.data.resolutions)[0]

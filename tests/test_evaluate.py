@@ -43,6 +43,10 @@ def test_settings_precedence(setup):
     s = evaluate.eval_settings(cfg, {"num_pairs": 3})
     assert s["num_pairs"] == 3 and s["num_examples"] == 64 and s["resolution"] == [RES, RES]
     assert s["cfg_scale"] == cfg.sample.cfg_scale and s["num_steps"] == cfg.sample.num_steps
+    cfg2 = ml_collections.ConfigDict(cfg.to_dict())
+    cfg2.eval = {"num_examples": 7, "cfg_scale": 2.0, "tasks": ["depth"]}
+    s = evaluate.eval_settings(cfg2, {"cfg_scale": 3.0})
+    assert s["num_examples"] == 7 and s["cfg_scale"] == 3.0 and "tasks" not in s
     with pytest.raises(ValueError, match="--num_examples=0"):
         evaluate.eval_settings(cfg, {"num_examples": 0})
 
