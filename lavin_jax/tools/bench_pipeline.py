@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -151,6 +152,8 @@ def main(argv: list[str]) -> dict:
 
     cfg.data.mode, cfg.data.cache_dir = "cache", cache_dir
     eps, st, batches = time_pipeline(cfg, args.batches)
+    if args.cache_dir is None:
+        shutil.rmtree(cache_dir)
     print(f"training pipeline (cache): {eps:.1f} episodes/s, live packing "
           f"{st['packing_efficiency']:.4f}, {st['episodes_per_row']:.2f} episodes/row")
 
