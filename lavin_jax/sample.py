@@ -38,52 +38,35 @@ DEFAULT_SAMPLE = {"num_steps": 20, "grid": "official", "method": "euler", "cfg_s
 
 
 # ---- models --------------------------------------------------------------------------------
-def _run_manager(workdir: str | pathlib.Path):
-    import orbax.checkpoint as ocp
-
-    d = pathlib.Path(workdir).absolute() / "checkpoints"
-    if not d.is_dir():
-        raise FileNotFoundError(f"--workdir={workdir}: no checkpoints/ folder (train first, or "
-                                "give --checkpoint=DIR)")
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(d, item_handlers=handlers,
-                                 options=ocp.CheckpointManagerOptions(create=False))
-
-
 def load_run(workdir: str | pathlib.Path, step: int | None = None, dtype: str | None = None):
     """(J-DiT module, run config dict, step, "ema" | "params") from a training run."""
     import jax
-    import orbax.checkpoint as ocp
     from flax import nnx
 
     from lavin_jax import checkpoint
     from lavin_jax.models.jdit import JDiT, JDiTConfig
+    from lavin_jax.train_checkpoint import restore_params
 
-    mngr = _run_manager(workdir)
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint step "
-                                f"{'' if step is None else step} (have {mngr.all_steps()})")
-    cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    model_cfg = dict(cfg.get("model") or {})
-    if model_cfg.get("name") != "jdit":
-        raise ValueError(f"--workdir={workdir} trains model {model_cfg.get('name')!r}, not the "
-                         "J-DiT; point --workdir at a J-DiT run")
-    if dtype:
-        model_cfg["dtype"] = dtype
-    jcfg = JDiTConfig.from_config(model_cfg)
-    ctor = lambda: JDiT(jcfg, rngs=nnx.Rngs(0))
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(ctor), nnx.Param))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
-    tree = mngr.item_metadata(step)["state"].tree
-    which = "ema" if "model" in (tree.get("ema") or {}) else "params"
-    want = {which: {"model": abstract}}
-    args = ocp.args.PyTreeRestore(item=want, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(want))
-    params = mngr.restore(step, args=ocp.args.Composite(state=args))["state"][which]["model"]
-    mngr.close()
-    return checkpoint.module_from_params(ctor, params), cfg, step, which
+    made = {}
+
+    def abstract_for(cfg: dict):
+        model_cfg = dict(cfg.get("model") or {})
+        if model_cfg.get("name") != "jdit":
+            raise ValueError(f"--workdir={workdir} trains model {model_cfg.get('name')!r}, not "
+                             "the J-DiT; point --workdir at a J-DiT run")
+        if dtype:
+            model_cfg["dtype"] = dtype
+        jcfg = JDiTConfig.from_config(model_cfg)
+        made["ctor"] = lambda: JDiT(jcfg, rngs=nnx.Rngs(0))
+        with nnx.use_eager_sharding(False):
+            tree = nnx.to_pure_dict(nnx.state(nnx.eval_shape(made["ctor"]), nnx.Param))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+    try:
+        params, cfg, step, which = restore_params(str(workdir), "model", abstract_for, step=step)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--workdir={workdir}: {e} (or give --checkpoint=DIR)") from None
+    return checkpoint.module_from_params(made["ctor"], params), cfg, step, which
 
 
 def load_models(args) -> tuple[Any, Any, dict, dict]:

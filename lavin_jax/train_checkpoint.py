@@ -103,3 +103,40 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def restore_params(workdir: str, group: str, abstract: Any, *, step: int | None = None,
+                   prefer_ema: bool = True) -> tuple[Any, dict, int, str]:
+    """Reads one group's parameters (EMA if kept and ``prefer_ema``) from a run, without the
+    optimizer state: -> (params, run config dict, step, "ema" | "params").
+
+    ``abstract`` is the group's pure-dict param tree of ShapeDtypeStructs (optionally sharded),
+    or a function of the run config dict returning it.
+    """
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints/ folder in {workdir} (train first)")
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    mngr = ocp.CheckpointManager(directory, item_handlers=handlers,
+                                 options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None or step not in mngr.all_steps():
+            raise FileNotFoundError(f"{workdir}: no checkpoint step "
+                                    f"{'' if step is None else step} (have {mngr.all_steps()})")
+        cfg = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        tree = mngr.item_metadata(step)["state"].tree
+        which = "ema" if prefer_ema and group in (tree.get("ema") or {}) else "params"
+        if group not in (tree.get(which) or {}):
+            raise ValueError(f"{workdir} step {step} has no parameter group {group!r} "
+                             f"(have {sorted(tree.get('params') or {})})")
+        if callable(abstract):
+            abstract = abstract(cfg)
+        want = {which: {group: abstract}}
+        args = ocp.args.PyTreeRestore(
+            item=want, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(want))
+        params = mngr.restore(step, args=ocp.args.Composite(state=args))["state"][which][group]
+    finally:
+        mngr.close()
+    return params, cfg, step, which
