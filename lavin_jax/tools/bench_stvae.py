@@ -8,7 +8,9 @@ Cases (``--cases``): ``image`` (T=1 at --size px), ``clip`` (T=--frames at --siz
 (compile time reported apart), then run --warmup untimed and --reps timed times (median).
 Peak memory per executable is XLA's memory_analysis (arguments + outputs + temporaries; for
 tiled runs the largest tile); the process peak RSS is reported once. Weights are random (speed
-does not depend on them). A human summary comes first, then one JSON object on the last line.
+does not depend on them). Each timing is given as wall seconds and process CPU seconds (all
+threads; comparable across runs on a shared host). A human summary comes first, then one JSON
+object on the last line.
 """
 
 from __future__ import annotations
@@ -100,20 +102,24 @@ class Runner:
         return lambda a: self.get(kind, tuple(a.shape), a.dtype)(state, a)
 
 
-def _time(fn: Callable[[], jax.Array], warmup: int, reps: int) -> float:
+def _time(fn: Callable[[], jax.Array], warmup: int, reps: int) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) per run. CPU seconds (all threads) stay
+    meaningful on a shared, loaded host where wall time does not."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
+    walls, cpus = [], []
     for _ in range(max(reps, 1)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
-def _entry(frames: int, seconds: float, mem: float) -> dict:
-    return dict(seconds=round(seconds, 3), frames_per_s=round(frames / seconds, 4),
-                peak_gib=mem)
+def _entry(frames: int, seconds: tuple[float, float], mem: float) -> dict:
+    wall, cpu = seconds
+    return dict(seconds=round(wall, 3), frames_per_s=round(frames / wall, 4),
+                cpu_seconds=round(cpu, 3), peak_gib=mem)
 
 
 def bench_dense(runner: Runner, args, t: int, size: int) -> dict:
@@ -193,8 +199,9 @@ def main(argv: list[str]) -> dict:
         for case, r in res.items():
             if isinstance(r, dict):
                 print(f"{dname:5s} {case:12s} " + "  ".join(
-                    f"{k}: {v['frames_per_s']:.3f} frames/s ({v['seconds']:.2f} s, "
-                    f"{v['peak_gib']:.2f} GiB)" for k, v in r.items()), flush=True)
+                    f"{k}: {v['frames_per_s']:.3f} frames/s ({v['seconds']:.2f} s wall, "
+                    f"{v['cpu_seconds']:.1f} s CPU, {v['peak_gib']:.2f} GiB)"
+                    for k, v in r.items()), flush=True)
     results["process_peak_rss_gib"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)
     print(json.dumps(results))
