@@ -45,6 +45,7 @@ class JDiTConfig:
     freq_dim: int = 256
     attention_backend: str = "xla"
     remat_policy: str = "none"
+    scan_layers: bool = True  # False: a Python loop (compile time grows with depth; CPU-friendly)
     param_dtype: str = "float32"
     dtype: str = "float32"
 
@@ -268,7 +269,11 @@ class JDiT(nnx.Module):
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        (c, x), _ = jax.lax.scan(body, (c, x), state)
+        if cfg.scan_layers:
+            (c, x), _ = jax.lax.scan(body, (c, x), state)
+        else:
+            for i in range(cfg.depth):
+                (c, x), _ = body((c, x), jax.tree.map(lambda a, i=i: a[i], state))
 
         scale = _gather_segments(self.final_mod(jax.nn.silu(t_x)), x_seg)
         out = self.final_proj(rms_norm(x) * (1 + scale))

@@ -53,7 +53,10 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # Flattened to 2D: the weight gradient is then one [in, T] x [T, out] matmul; with the
+        # batch dims kept, XLA CPU transposed the [T, out] cotangent first (slow copy fusions).
+        x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.dot(x2, self.kernel[...].astype(self.dtype)).reshape(*x.shape[:-1], -1)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
