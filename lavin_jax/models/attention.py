@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("xla", "cudnn", "splash")
+# context_*: shard_map over the mesh, K/V gathered over the context axis (context_parallel.py).
+BACKENDS = ("xla", "cudnn", "splash", "context_xla", "context_splash")
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,6 +200,11 @@ def attention(
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads not a multiple of {k.shape[2]} kv heads")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend.startswith("context_"):
+        from lavin_jax.models import context_parallel
+
+        return context_parallel.attention(q, k, v, segment_ids, local=backend[len("context_"):],
+                                          scale=scale)
     if backend == "xla":
         return _xla(q, k, v, segment_ids, scale)
     if backend == "cudnn":

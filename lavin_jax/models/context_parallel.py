@@ -10,9 +10,11 @@ device is the local chunk's attention (the XLA path's [L/C, L] logits; the splas
 O(L/C) blocks), so C divides the quadratic term.
 
 Chosen by ``model.attention_backend``: ``context_xla`` or ``context_splash`` (the local attention
-after the gather). Without an active mesh (lavin_jax.sharding.use_rules), or with a context axis of
-size 1, it is plain local attention. The result equals the unsharded attention up to float
-rounding (tests/test_context_parallel.py).
+after the gather). On any multi-device mesh it is a shard_map over the batch / length / head axes
+(``context_splash`` is thus also the way to run the splash kernel on a sharded TPU mesh: Mosaic
+kernels cannot be partitioned by XLA); with the length unsplit there is no gather. Without an
+active mesh (lavin_jax.sharding.use_rules) it is plain local attention. The result equals the
+unsharded attention up to float rounding (tests/test_context_parallel.py).
 
 Shapes: q [B, L, H, D], k/v [B, L, Hkv, D], segment ids [B, L] (0 = padding, attends padding).
 """
@@ -113,17 +115,16 @@ def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
-def specs(q_shape, kv_shape, mesh, rules) -> tuple[P, P, P] | None:
-    """(q, kv, segment) PartitionSpecs from the logical rules; None when the length axis is not
-    split (context axis of size 1, or L not divisible), i.e. nothing to parallelise."""
+def specs(q_shape, kv_shape, mesh, rules) -> tuple[P, P, P]:
+    """(q, kv, segment) PartitionSpecs from the logical rules (batch, length, heads)."""
     qs = sharding.logical_to_spec(("act_batch", "act_length", "act_heads", None), rules,
                                   q_shape, mesh)
     ks = sharding.logical_to_spec(("act_batch", "act_length", "act_kv_heads", None), rules,
                                   kv_shape, mesh)
-    if not _axes(qs[1]) or qs[1] != ks[1] or qs[0] != ks[0]:
-        return None
+    batch = qs[0] if qs[0] == ks[0] else None
+    length = qs[1] if qs[1] == ks[1] else None
     heads = qs[2] if qs[2] == ks[2] else None  # GQA groups stay whole only if both split alike
-    return P(qs[0], qs[1], heads, None), P(ks[0], ks[1], heads, None), P(qs[0], qs[1])
+    return P(batch, length, heads, None), P(batch, length, heads, None), P(batch, length)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -132,7 +133,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
     """Segment-masked GQA with the sequence split over the ``act_length`` mesh axes.
 
     q [B, L, H, D], k/v [B, L, Hkv, D], segment_ids [B, L] -> [B, L, H, D]. ``mesh``/``rules``
-    default to the active :func:`lavin_jax.sharding.use_rules` context.
+    default to the active :func:`lavin_jax.sharding.use_rules` context. Always a shard_map on a
+    multi-device mesh (so Mosaic kernels such as splash, which XLA cannot partition, run per
+    shard); the K/V gather happens only when the length is split.
     """
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads not a multiple of {k.shape[2]} kv heads")
@@ -140,13 +143,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
     if mesh is None:
         active = getattr(sharding._ctx, "active", None)
         mesh, rules = active if active is not None else (None, None)
-    sp = None if mesh is None else specs(q.shape, k.shape, mesh, rules)
-    if sp is None:
+    if mesh is None or mesh.size == 1:
         return local_attention(q, k, v, segment_ids, segment_ids, backend=local, scale=scale)
-    q_spec, kv_spec, seg_spec = sp
+    q_spec, kv_spec, seg_spec = specs(q.shape, k.shape, mesh, rules)
     length = _axes(q_spec[1])
 
     def chunk(qc, kc, vc, segc):
+        if not length:
+            return local_attention(qc, kc, vc, segc, segc, backend=local, scale=scale)
         gather = functools.partial(jax.lax.all_gather, axis_name=length, axis=1, tiled=True)
         return local_attention(qc, gather(kc), gather(vc), segc, gather(segc), backend=local,
                                scale=scale)
