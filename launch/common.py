@@ -73,6 +73,8 @@ def add_train_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--workdir", required=required,
                    help="run directory; the run resumes from its newest checkpoint (gs:// for "
                         "multi-host: every host must see it)")
+    p.add_argument("--module", default="lavin_jax.train",
+                   help="python -m MODULE to run (lavin_jax.encode builds the latent cache)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the training processes (repeatable)")
     p.add_argument("--dry_run", action="store_true",
@@ -100,14 +102,13 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def train_argv(config: str, workdir: str, overrides: Sequence[str], python: str = "python3"
-               ) -> list[str]:
+def train_argv(config: str, workdir: str, overrides: Sequence[str], python: str = "python3",
+               module: str = "lavin_jax.train") -> list[str]:
     """``python -m lavin_jax.train --config=... --workdir=... [overrides]``."""
     for o in overrides:
         if not o.startswith("--"):
             raise LaunchError(f"training override {o!r}: pass flags like --config.total_steps=10")
-    return [python, "-m", "lavin_jax.train", f"--config={config}", f"--workdir={workdir}",
-            *overrides]
+    return [python, "-m", module, f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
 def env_prefix(env: dict[str, str]) -> str:

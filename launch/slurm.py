@@ -38,7 +38,7 @@ def render(a: argparse.Namespace) -> str:
         process_env = f"export JAX_LOCAL_DEVICE_IDS={ids}  # one process drives all local GPUs"
     env = common.parse_env(a.env)
     env_lines = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
-    train = shlex.join(common.train_argv(a.config, a.workdir, a.overrides, a.python))
+    train = shlex.join(common.train_argv(a.config, a.workdir, a.overrides, a.python, a.module))
     with open(TEMPLATE) as f:
         text = f.read()
     return text.format(

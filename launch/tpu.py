@@ -122,19 +122,21 @@ def setup_command() -> str:
 
 def start_command(a: argparse.Namespace, sl: Slice, coordinator_ip: str) -> str:
     overrides = list(a.overrides)
-    if sl.multi and not any(o.startswith("--config.num_slices") for o in overrides):
+    if (sl.multi and a.module == "lavin_jax.train"
+            and not any(o.startswith("--config.num_slices") for o in overrides)):
         overrides.append(f"--config.num_slices={a.num_slices}")
     env = {**common.parse_env(a.env)}
     if sl.hosts > 1:
         env["JAX_COORDINATOR_ADDRESS"] = f"{coordinator_ip}:{COORDINATOR_PORT}"
-    argv = common.train_argv(a.config, a.workdir, overrides)
+    argv = common.train_argv(a.config, a.workdir, overrides, module=a.module)
     train = f"{VENV}/bin/python " + shlex.join(argv[1:])  # the ~ must stay unquoted
     return (f"cd {CODE} && mkdir -p {LOGS} && {common.env_prefix(env)}setsid nohup {train} "
-            f"> {LOGS}/train-$(hostname).log 2>&1 < /dev/null &")
+            f"> {LOGS}/train-$(hostname).log 2>&1 < /dev/null & echo $! > {LOGS}/train.pid")
 
 
-LOGS_COMMAND = (f"log={LOGS}/train-$(hostname).log; pid=$(pgrep -of lavin_jax.train || true); "
-                'if [ -n "$pid" ]; then tail -n +1 -f --pid="$pid" "$log"; else cat "$log"; fi')
+LOGS_COMMAND = (f"log={LOGS}/train-$(hostname).log; pid=$(cat {LOGS}/train.pid); "
+                'if kill -0 "$pid" 2>/dev/null; then tail -n +1 -f --pid="$pid" "$log"; '
+                'else cat "$log"; fi')
 
 
 def up(r: common.Runner, a: argparse.Namespace, sl: Slice) -> None:

@@ -42,10 +42,11 @@ def create_command(a: argparse.Namespace) -> list[str]:
         raise common.LaunchError("give exactly one of --docker_image (code baked in) or "
                                  "--base_docker_image (XPK adds this checkout)")
     overrides = list(a.overrides)
-    if a.num_slices > 1 and not any(o.startswith("--config.num_slices") for o in overrides):
+    if (a.num_slices > 1 and a.module == "lavin_jax.train"
+            and not any(o.startswith("--config.num_slices") for o in overrides)):
         overrides.append(f"--config.num_slices={a.num_slices}")
     train = common.env_prefix(common.parse_env(a.env)) + shlex.join(
-        common.train_argv(a.config, a.workdir, overrides))
+        common.train_argv(a.config, a.workdir, overrides, module=a.module))
     image = ([f"--docker-image={a.docker_image}"] if a.docker_image else
              [f"--base-docker-image={a.base_docker_image}", f"--script-dir={common.REPO}"])
     return ["xpk", "workload", "create", f"--workload={a.workload}", *_where(a),

@@ -78,6 +78,11 @@ def test_tpu_single_host_v5e_local_workdir_and_names():
     cmds = _commands(_dry(tpu.main, "start", "--name=small", "--tpu=v5e-8", "--zone=z",
                           "--config=configs/lavin_dit.py:demo", "--workdir=/home/me/run"))
     assert len(cmds) == 1 and "JAX_COORDINATOR_ADDRESS" not in _remote(cmds[0])
+    (enc,) = _commands(_dry(tpu.main, "start", "--name=s", "--tpu=v5p-8", "--zone=z",
+                            "--num_slices=2", "--module=lavin_jax.encode", "--config=c",
+                            "--workdir=gs://w", "--", "--num_episodes=9"))[1:]
+    assert "-m lavin_jax.encode --config=c --workdir=gs://w --num_episodes=9 >" in _remote(enc)
+    assert "num_slices" not in _remote(enc)  # only the trainer takes config overrides
     create = _commands(_dry(tpu.main, "up", "--name=s", "--tpu=v5e-16", "--zone=z"))[1]
     assert "--accelerator-type=v5litepod-16" in create
     assert "--runtime-version=v2-alpha-tpuv5-lite" in create
