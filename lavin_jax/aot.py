@@ -248,16 +248,20 @@ def fit_report(mem: dict[str, int], topo: Topology, model_flops: float, mfu: flo
     }
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", re.I)
+# The TPU compiler's refusals: "the total memory required for HLO temporaries (130.56G) exceeds
+# available HBM (15.75G)" (libtpu 0.0.42) or "Used 120.50G of 95.74G hbm" (older).
+_OOM = (re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", re.I),
+        re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm", re.I))
 
 
 def _oom_bytes(message: str) -> int | None:
-    """Per-chip bytes from the TPU compiler's out-of-memory message, if it says."""
-    m = _OOM.search(message)
-    if not m:
-        return None
+    """Per-chip bytes the TPU compiler says the program needs, from its out-of-memory error."""
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    return int(float(m.group(1)) * scale[m.group(2).upper()])
+    for pattern in _OOM:
+        m = pattern.search(message)
+        if m:
+            return int(float(m.group(1)) * scale[m.group(2).upper()])
+    return None
 
 
 def check(cfg, topo: Topology, rows: Rows, mfu: float = 0.4, flops: bool = True,
@@ -317,7 +321,7 @@ def check(cfg, topo: Topology, rows: Rows, mfu: float = 0.4, flops: bool = True,
 def _summary(r: dict[str, Any], topo: Topology, log) -> None:
     g = lambda b: f"{b / GiB:.2f} GiB"
     if r.get("compile_error"):
-        log(f"compile failed: {r['compile_error']}")
+        log(f"the TPU compiler refused it: {r['compile_error']}")
     log(f"per chip: arguments {g(r['argument_bytes'])} + outputs {g(r['output_bytes'])} - "
         f"aliased {g(r['alias_bytes'])} + temporaries {g(r['temp_bytes'])} + code "
         f"{g(r['code_bytes'])} = {g(r['per_chip_bytes'])} of {g(r['hbm_bytes'])} HBM "

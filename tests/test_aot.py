@@ -54,6 +54,9 @@ def test_oom_message_parsing():
     msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
            "space hbm. Used 120.50G of 95.74G hbm. Exceeded hbm capacity by 24.76G.")
     assert aot._oom_bytes(msg) == int(120.5 * GiB)
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (130.56G) exceeds available HBM (15.75G).")  # libtpu 0.0.42, verbatim
+    assert aot._oom_bytes(msg) == int(130.56 * GiB)
     assert aot._oom_bytes("some other error") is None
 
 
@@ -116,3 +119,22 @@ def test_demo_config_compiles_for_v5e_4():
     assert report["batch"] == {"rows": 8, "cond_len": 5 * 64, "target_len": 64, "segments": 1}
     assert report["mesh"]["fsdp"] == 4 and report["flops_per_step"] > 1e9
     assert any("FITS" in line for line in lines[:-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -r requirements-tpu.txt)")
+def test_config_that_does_not_fit_fails_with_the_numbers():
+    """18k-token rows with the XLA attention ([L, L] logits) on 16 GiB chips: exit 1 + numbers."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lavin_jax.aot", "--config=configs/lavin_dit.py:demo",
+         "--topology=v5e-4", "--resolution=256", "--pairs=8", "--vae_stride=4",
+         "--global_batch=16", "--skip_flops"], cwd=root, env=env, capture_output=True,
+        text=True, timeout=1200)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["fits"] and report["per_chip_bytes"] > 4 * report["hbm_bytes"]
+    assert "RESOURCE_EXHAUSTED" in report["compile_error"]
+    assert "DOES NOT FIT" in proc.stdout
