@@ -1,0 +1,193 @@
+"""``make demo``: the embedded default end to end on one machine, in one command.
+
+    python -m lavin_jax.demo --workdir=runs/demo [--vae_steps N --jdit_steps N ...]
+
+1. prepare the embedded synthetic scenes (images + 5-frame clips) in WORKDIR/data;
+2. train the demo ST-VAE (WORKDIR/stvae, the one training loop with the VAE objective);
+3. export it as a params checkpoint with its latent normalisation measured on data
+   (WORKDIR/stvae_params);
+4. cache latents of task episodes (WORKDIR/latents);
+5. train the demo J-DiT on the multi-task mixture (WORKDIR/jdit, flow objective);
+6. write a final sample grid (WORKDIR/samples.png: query | prediction | truth | context pairs)
+   and WORKDIR/demo_summary.json with the loss figures.
+Every stage resumes: rerunning the command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+log = logging.getLogger("lavin_jax.demo")
+
+
+def stage(name: str):
+    log.info("==== %s", name)
+    return time.time()
+
+
+def export_vae(run_dir: Path, vcfg, out_dir: Path, num_batches: int = 8) -> dict:
+    """Trained VAE params + latent (shift, scale) measured on images -> params checkpoint."""
+    from lavin_jax import checkpoint
+    from lavin_jax.data import frames
+    from lavin_jax.models.stvae import STVAE, STVAEConfig, measure_latent_stats
+    from lavin_jax.train_checkpoint import restore_params
+
+    mcfg = STVAEConfig.from_config(vcfg.model)
+    ctor = lambda: STVAE(mcfg, rngs=nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(ctor), nnx.Param))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    params, _, step, _ = restore_params(str(run_dir), "vae", abstract)
+    vae = checkpoint.module_from_params(ctor, params)
+    icfg = vcfg.copy_and_resolve_references()
+    icfg.data.sources = [s for s in icfg.data.sources if not s["config"].startswith("clips")]
+    it = frames.make_frames_iterator(icfg)
+    encode = nnx.jit(lambda m, x: m.encode(x)[0])
+    means = np.concatenate([np.asarray(encode(vae, next(it)["video"])).ravel()
+                            for _ in range(num_batches)])
+    shift, scale = measure_latent_stats(means)
+    vae.set_latent_stats(shift, scale) if hasattr(vae, "set_latent_stats") else None
+    model_cfg = {**dict(vcfg.model), "latent_shift": shift, "latent_scale": scale}
+    if not (out_dir / "0").exists():
+        checkpoint.save_params(out_dir, {"stvae": nnx.to_pure_dict(nnx.state(vae, nnx.Param))},
+                               {"configs": {"stvae": model_cfg}, "source_step": step})
+    return {"vae_step": step, "latent_shift": shift, "latent_scale": scale}
+
+
+def loss_figures(run_dir: Path, key: str) -> dict:
+    """First and last logged value of ``key`` from the run's TensorBoard events."""
+    import tensorflow as tf
+
+    values = []
+    for f in sorted(run_dir.glob("events.out.tfevents.*")):
+        for e in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in e.summary.value:
+                if v.tag == key:
+                    values.append((e.step, float(tf.make_ndarray(v.tensor))))
+    values.sort()
+    if not values:
+        return {}
+    first, last = values[0][1], values[-1][1]
+    return {"first": first, "last": last, "steps": values[-1][0], "fell": last < first}
+
+
+def run(args) -> dict:
+    from configs import lavin_dit, stvae
+    from lavin_jax import train
+    from lavin_jax.data import prepare
+
+    wd = Path(args.workdir).absolute()
+    wd.mkdir(parents=True, exist_ok=True)
+    data_dir = wd / "data"
+    summary: dict = {"workdir": str(wd), "seconds": {}}
+
+    t = stage("1/6 prepare the embedded synthetic scenes")
+    for config in ("64", "clips5_64"):
+        prepare.ensure_prepared("synthetic_scenes", str(data_dir), config)
+    summary["seconds"]["prepare"] = time.time() - t
+
+    t = stage("2/6 train the demo ST-VAE")
+    vcfg = stvae.get_config("demo")
+    vcfg.data.data_dir = str(data_dir)
+    vcfg.total_steps = args.vae_steps
+    vcfg.checkpoint_every_steps = max(1, args.vae_steps // 2)
+    vcfg.objective.disc_start = max(1, int(args.vae_steps * 0.6))
+    train.train(vcfg, str(wd / "stvae"))
+    summary["seconds"]["stvae"] = time.time() - t
+
+    t = stage("3/6 export the ST-VAE with its measured latent normalisation")
+    summary["stvae"] = export_vae(wd / "stvae", vcfg, wd / "stvae_params")
+    summary["stvae"]["rec_l1"] = loss_figures(wd / "stvae", "vae/rec_l1")
+    summary["seconds"]["export"] = time.time() - t
+
+    t = stage("4/6 cache latents of task episodes")
+    jcfg = lavin_dit.get_config("demo")
+    jcfg.data.data_dir = str(data_dir)
+    jcfg.data.vae_checkpoint = str(wd / "stvae_params")
+    jcfg.data.cache_dir = str(wd / "latents")
+    from lavin_jax import encode
+
+    try:
+        encode.cache_files(wd / "latents")
+    except FileNotFoundError:
+        encode.write_cache(jcfg, wd / "latents", encode.load_encoder(jcfg), args.cache_episodes,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    summary["seconds"]["cache"] = time.time() - t
+
+    t = stage("5/6 train the demo J-DiT on the multi-task mixture")
+    jcfg.total_steps = args.jdit_steps
+    jcfg.checkpoint_every_steps = max(1, args.jdit_steps // 2)
+    jcfg.log_every_steps = max(1, min(jcfg.log_every_steps, args.jdit_steps // 10))
+    train.train(jcfg, str(wd / "jdit"))
+    summary["jdit"] = {"loss": loss_figures(wd / "jdit", "model/loss")}
+    summary["seconds"]["jdit"] = time.time() - t
+
+    t = stage("6/6 final sample grid")
+    summary["samples"] = final_grid(wd, jcfg)
+    summary["seconds"]["samples"] = time.time() - t
+    (wd / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def final_grid(wd: Path, jcfg) -> str:
+    """One row per episode: query | prediction | ground truth | context pairs (RGB)."""
+    from lavin_jax import checkpoint, flow, sample
+    from lavin_jax.data import pipeline
+    from lavin_jax.data.episodes import resize_frames
+
+    jdit, _, _, _ = sample.load_run(wd / "jdit")
+    vae = checkpoint.load_model(wd / "stvae_params", "stvae")
+    sampler, sources, tasks = pipeline.episode_sources(jcfg)
+    rows = []
+    decode = nnx.jit(lambda m, z: m.decode(m.denormalize(z)))
+    encode = nnx.jit(lambda m, x: m.normalize(m.encode(x)[0]))
+    for i in range(min(6, len(tasks))):
+        spec = sampler.spec(10_000 + i)
+        ep = pipeline.render_spec(spec, tasks, sources)
+        items = [np.asarray(f) for f in ep["items"]]  # uint8 [T, H, W, 3] each, pairs then query
+        pixels = [x.astype(np.float32)[None] / 127.5 - 1.0 for x in items]
+        lat = [np.asarray(encode(vae, p))[0] for p in pixels[:-1]]
+        cond = np.concatenate(lat)[None]
+        noise = jax.random.normal(jax.random.key(i), (1, *lat[-1].shape))
+        z = flow.sample_ode(jdit, noise, cond, cfg_scale=jcfg.sample.cfg_scale,
+                            num_steps=jcfg.sample.num_steps)
+        pred = np.asarray(decode(vae, z))[0]
+        to_u8 = lambda x: np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8)
+        # query | prediction | truth | context pairs (first frame of each item)
+        tiles = [items[-2][0], to_u8(pred)[0], items[-1][0]] + [f[0] for f in items[:-2]]
+        rows.append([resize_frames(t[None], (64, 64))[0] for t in tiles])
+    grid = sample.make_grid(rows)
+    from PIL import Image
+
+    path = wd / "samples.png"
+    Image.fromarray(grid).save(path)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lavin_jax.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--vae_steps", type=int, default=400)
+    p.add_argument("--cache_episodes", type=int, default=256)
+    p.add_argument("--jdit_steps", type=int, default=300)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    summary = run(args)
+    print(json.dumps({k: summary[k] for k in ("stvae", "jdit", "seconds")}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
