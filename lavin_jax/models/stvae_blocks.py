@@ -102,19 +102,26 @@ class GroupNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def resize_nearest(z: jax.Array, size: tuple[int, int, int]) -> jax.Array:
-    """Nearest resize of [B, T, H, W, C] to (T', H', W'): src = floor(dst * in / out).
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """torch's nearest rule src = floor(dst * in / out), exact in integers."""
+    return np.minimum((np.arange(n_out) * n_in) // n_out, n_in - 1)
 
-    Same index rule as torch.nn.functional.interpolate(mode="nearest", size=...).
-    """
+
+def _resize_axis(z: jax.Array, axis: int, index: np.ndarray) -> jax.Array:
+    n = z.shape[axis]
+    if len(index) == n and (index == np.arange(n)).all():
+        return z
+    r = len(index) // n
+    if len(index) % n == 0 and (index == np.arange(len(index)) // r).all():
+        return jnp.repeat(z, r, axis=axis)
+    return jnp.take(z, index, axis=axis)  # one static gather (fuses; a concat would not)
+
+
+def resize_nearest(z: jax.Array, size: tuple[int, int, int]) -> jax.Array:
+    """Nearest resize of [B, T, H, W, C] to (T', H', W') with torch's index rule
+    (torch.nn.functional.interpolate(mode="nearest", size=...))."""
     for axis, out in zip((1, 2, 3), size):
-        n = z.shape[axis]
-        if n == out:
-            continue
-        if out % n == 0:
-            z = jnp.repeat(z, out // n, axis=axis)
-        else:
-            z = jnp.take(z, np.minimum((np.arange(out) * n) // out, n - 1), axis=axis)
+        z = _resize_axis(z, axis, _nearest_index(z.shape[axis], out))
     return z
 
 
@@ -125,10 +132,12 @@ def match_latent(zq: jax.Array, like: jax.Array) -> jax.Array:
     and the rest to the rest (the 1 + 4k structure).
     """
     t, h, w = like.shape[1:4]
+    tz = zq.shape[1]
     if t > 1 and t % 2 == 1:
-        first = resize_nearest(zq[:, :1], (1, h, w))
-        rest = resize_nearest(zq[:, 1:], (t - 1, h, w))
-        return jnp.concatenate([first, rest], axis=1)
+        t_index = np.concatenate([[0], 1 + _nearest_index(tz - 1, t - 1)])
+    else:
+        t_index = _nearest_index(tz, t)
+    zq = _resize_axis(zq, 1, t_index)
     return resize_nearest(zq, (t, h, w))
 
 
@@ -143,8 +152,10 @@ class SpatialNorm(nnx.Module):
         self.conv_b = Conv(z_channels, channels, (1, 1, 1), **kw)
 
     def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
-        zq = match_latent(zq, f)
-        return self.norm(f) * self.conv_y(zq) + self.conv_b(zq)
+        # The 1x1x1 convs commute with nearest resizing: run them at latent resolution (64x
+        # fewer FLOPs at full size) and resize their outputs, which fuse into the product.
+        y, b = match_latent(self.conv_y(zq), f), match_latent(self.conv_b(zq), f)
+        return self.norm(f) * y + b
 
 
 class ResnetBlock(nnx.Module):
