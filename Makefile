@@ -6,7 +6,7 @@ WORKDIR ?= runs/demo
 export XLA_FLAGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test test-all lint demo clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,11 +20,13 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check lavin_jax configs tests launch
 
+# The default suite covers every path once; slow end-to-end tests (SIGKILL-and-rerun, AOT
+# compiles, big renders, worker processes) run with `make test-all`.
 test: venv lint
-	$(PY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m "not slow" tests
 
-test-fast: venv lint
-	$(PY) -m pytest -q -m "not slow" tests
+test-all: venv lint
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) -m lavin_jax.demo --workdir=$(WORKDIR)
