@@ -326,6 +326,9 @@ def _summary(r: dict[str, Any], topo: Topology, log) -> None:
         f"aliased {g(r['alias_bytes'])} + temporaries {g(r['temp_bytes'])} + code "
         f"{g(r['code_bytes'])} = {g(r['per_chip_bytes'])} of {g(r['hbm_bytes'])} HBM "
         f"({100 * r['hbm_fraction']:.0f}%): {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+    if not r["flops_per_step"]:
+        log("FLOPs/step: not counted (--skip_flops)")
+        return
     log(f"FLOPs/step: {r['flops_per_step']:.3e} model, {r['executed_flops_per_step']:.3e} "
         f"executed (remat recompute); predicted step {r['step_time_s']:.4g} s at MFU "
         f"{r['mfu']} ({topo.chips} x {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16)")
