@@ -98,8 +98,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, rules, np.ndim(x)),
                                    batch)
     step_fn = train_state.jit_train_step(tr, batch_shardings)
+    # Synchronous: TensorFlow summary ops in a writer thread racing JAX dispatch aborted the
+    # process on CPU (seen under load); a log write every N steps costs little.
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
     writer.write_hparams({k: v for k, v in cfg.items() if isinstance(v, (int, float, str))})
     step = int(jax.device_get(state["step"]))
     hooks = [periodic_actions.ReportProgress(num_train_steps=cfg.total_steps, writer=writer)]
@@ -150,8 +152,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return {"step": step, "metrics": _host(metrics) if metrics else {}, "state": state}
 
 
+_all_finite = jax.jit(train_state.all_finite)
+
+
 def _save(ckpt: RunCheckpointer, step: int, state, data, cfg) -> None:
-    if not bool(jax.device_get(train_state.all_finite(state["params"]))):
+    if not bool(jax.device_get(_all_finite(state["params"]))):
         log.error("step %d: parameters are not finite; checkpoint NOT written", step)
         return
     ckpt.save(step, state, data, cfg, force=True)
