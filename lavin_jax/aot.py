@@ -337,9 +337,14 @@ def _summary(r: dict[str, Any], topo: Topology, log) -> None:
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from lavin_jax.run_config import ConfigError
+
     f = flags.FLAGS
     cfg = f.config
-    topo = parse_topology(f.topology, f.num_slices)
+    try:
+        topo = parse_topology(f.topology, f.num_slices)
+    except ValueError as e:
+        raise SystemExit(f"lavin_jax.aot: {e}") from None
     d = cfg.get("data") or {}
     batch = f.global_batch or int(d.get("global_batch", 1))
     if f.resolution:
@@ -349,7 +354,10 @@ def main(argv: list[str]) -> None:
             raise SystemExit("lavin_jax.aot: the config has no data.cond_len/target_len; "
                              "pass --resolution and --pairs")
         rows = Rows(batch, int(d.cond_len), int(d.target_len), int(d.max_segments))
-    report = check(cfg, topo, rows, mfu=f.mfu, flops=not f.skip_flops)
+    try:
+        report = check(cfg, topo, rows, mfu=f.mfu, flops=not f.skip_flops)
+    except ConfigError as e:  # e.g. a mesh that does not match the slice: before compiling
+        raise SystemExit(f"lavin_jax.aot: {topo.name} x{topo.num_slices}: {e}") from None
     print(json.dumps(report, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
     sys.exit(0 if report["fits"] else 1)
 
