@@ -59,57 +59,63 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # The XLA backend has a hand-written VJP: on CPU, autodiff of the plain formulation spent more
 # time transposing [L, L] score matrices (for dK = dS^T Q, dV = P^T dO) and re-running softmax
-# arithmetic than in the matmuls. Here every L x L product is a plain row-major matmul, only the
-# small [L, D] operands are transposed, the softmax is normalised after P V (on [L, D]), and
-# sum(P * dP) is computed as sum(dO * O) (again [L, D]). Same maths, reassociated.
+# arithmetic than in the matmuls. Here every product is a batched row-major matmul
+# [Z, M, K] x [Z, K, N] (Z = batch x kv heads; only the small [L, D] operands are transposed,
+# and merging batch and kv heads into Z makes XLA materialise those transposes, which keeps
+# bf16 dots in bf16 on CPU, see layers.matmul); the softmax is normalised after P V (on
+# [L, D]) and sum(P * dP) is computed as sum(dO * O). Same maths, reassociated.
 
 
-def _group(x: jax.Array, hkv: int) -> jax.Array:
-    """[B, L, H, D] -> [B, Hkv, G*L, D] (query head h = kv head h // G, row = g * L + l)."""
+def _group(x: jax.Array, hkv: int, transpose: bool = False) -> jax.Array:
+    """[B, L, H, D] -> [B*Hkv, G*L, D] (or [B*Hkv, D, G*L]); query head h = kv head h // G,
+    row = g * L + l. Works for K/V too (G = 1)."""
     b, l, h, d = x.shape
-    return x.reshape(b, l, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+    x = x.reshape(b, l, hkv, h // hkv, d)
+    if transpose:
+        return x.transpose(0, 2, 4, 3, 1).reshape(b * hkv, d, -1)
+    return x.transpose(0, 2, 3, 1, 4).reshape(b * hkv, -1, d)
 
 
-def _ungroup(x: jax.Array, l: int) -> jax.Array:
-    """Inverse of :func:`_group`: [B, Hkv, G*L, D] -> [B, L, H, D]."""
-    b, hkv, n, d = x.shape
-    return x.reshape(b, hkv, n // l, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, -1, d)
+def _ungroup(x: jax.Array, b: int, l: int) -> jax.Array:
+    """Inverse of :func:`_group`: [B*Hkv, G*L, D] -> [B, L, H, D]."""
+    z, n, d = x.shape
+    return x.reshape(b, z // b, n // l, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, -1, d)
+
+
+def _mm(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
 def _xla_fwd(q, k, v, seg, scale):
     b, l, h, d = q.shape
     hkv = k.shape[2]
-    qg = _group(q, hkv)  # [B, K, N, D], N = G * L
-    kt = k.transpose(0, 2, 3, 1)  # [B, K, D, M]
-    vk = v.transpose(0, 2, 1, 3)  # [B, K, M, D]
-    s = jnp.einsum("bknd,bkdm->bknm", qg, kt, preferred_element_type=jnp.float32)
+    s = _mm("znd,zdm->znm", _group(q, hkv), _group(k, hkv, transpose=True))  # [Z, G*L, L]
     s = s.reshape(b, hkv, h // hkv, l, l) * scale
     mask = (seg[:, :, None] == seg[:, None, :])[:, None, None]
     s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    den = jnp.sum(e, axis=-1).reshape(b, hkv, -1, 1)  # [B, K, N, 1], >= 1
-    e = e.astype(v.dtype).reshape(b, hkv, -1, l)  # unnormalised probabilities
-    o = jnp.einsum("bknm,bkmd->bknd", e, vk, preferred_element_type=jnp.float32) / den
-    return _ungroup(o, l).astype(q.dtype), (qg, kt, vk, e, den, o)
+    den = jnp.sum(e, axis=-1).reshape(b * hkv, -1, 1)  # [Z, N, 1], >= 1
+    e = e.astype(v.dtype).reshape(b * hkv, -1, l)  # unnormalised probabilities
+    o = _mm("znm,zmd->znd", e, _group(v, hkv)) / den
+    return _ungroup(o, b, l).astype(q.dtype), (q, k, v, e, den, o)
 
 
-def _xla_bwd(l, scale, res, g):
-    qg, kt, vk, e, den, o = res
-    hkv = qg.shape[1]
-    dt = qg.dtype
-    do = _group(g, hkv).astype(jnp.float32)  # [B, K, N, D]
+def _xla_bwd(scale, res, g):
+    q, k, v, e, den, o = res
+    b, l, h, d = q.shape
+    hkv = k.shape[2]
+    dt = q.dtype
+    do = _group(g, hkv).astype(jnp.float32)  # [Z, N, D]
     delta = jnp.sum(do * o, axis=-1, keepdims=True)  # = rowsum(P * dP)
-    dp = jnp.einsum("bknd,bkmd->bknm", do.astype(dt), vk, preferred_element_type=jnp.float32)
+    dp = _mm("znd,zdm->znm", do.astype(dt), _group(v, hkv, transpose=True))
     ds = (e.astype(jnp.float32) * (dp - delta) * (scale / den)).astype(dt)  # d logits
-    dq = jnp.einsum("bknm,bkdm->bknd", ds, kt, preferred_element_type=jnp.float32)
-    qt = qg.swapaxes(-1, -2)  # [B, K, D, N]
-    dkt = jnp.einsum("bkdn,bknm->bkdm", qt, ds, preferred_element_type=jnp.float32)
-    dot = (do / den).astype(dt).swapaxes(-1, -2)  # dO / den, [B, K, D, N]
-    dvt = jnp.einsum("bkdn,bknm->bkdm", dot, e, preferred_element_type=jnp.float32)
-    dq = _ungroup(dq, l).astype(dt)
-    dk = dkt.transpose(0, 3, 1, 2).astype(dt)  # [B, M, K, D]
-    dv = dvt.transpose(0, 3, 1, 2).astype(dt)
-    return dq, dk, dv
+    dq = _mm("znm,zmd->znd", ds, _group(k, hkv))
+    dkt = _mm("zdn,znm->zdm", _group(q, hkv, transpose=True), ds)
+    do_t = _group((g.astype(jnp.float32) / _ungroup(den, b, l)).astype(dt), hkv, transpose=True)
+    dvt = _mm("zdn,znm->zdm", do_t, e)
+    dk = dkt.reshape(b, hkv, d, l).transpose(0, 3, 1, 2)  # [B, M, Hkv, D]
+    dv = dvt.reshape(b, hkv, d, l).transpose(0, 3, 1, 2)
+    return _ungroup(dq, b, l).astype(dt), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -124,7 +130,7 @@ def _xla_attention_fwd(q, k, v, seg, scale):
 
 def _xla_attention_bwd(scale, res_seg, g):
     res, seg = res_seg
-    dq, dk, dv = _xla_bwd(g.shape[1], scale, res, g)
+    dq, dk, dv = _xla_bwd(scale, res, g)
     return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
 
 

@@ -272,8 +272,15 @@ class JDiT(nnx.Module):
         if cfg.scan_layers:
             (c, x), _ = jax.lax.scan(body, (c, x), state)
         else:
+            # split (not a[i]): its transpose concatenates the per-layer gradients once, where
+            # indexing's transpose pads each one to the full stack and sums them.
+            def unstack(a):
+                return [p.reshape(a.shape[1:]) for p in jnp.split(a, cfg.depth)]
+
+            layers = jax.tree.map(unstack, state)
             for i in range(cfg.depth):
-                (c, x), _ = body((c, x), jax.tree.map(lambda a, i=i: a[i], state))
+                (c, x), _ = body((c, x), jax.tree.map(lambda parts, i=i: parts[i], layers,
+                                                      is_leaf=lambda v: isinstance(v, list)))
 
         scale = _gather_segments(self.final_mod(jax.nn.silu(t_x)), x_seg)
         out = self.final_proj(rms_norm(x) * (1 + scale))

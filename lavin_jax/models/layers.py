@@ -6,6 +6,7 @@ Parameters carry logical axis names (see lavin_jax/sharding.py); precision is tw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -53,13 +54,63 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Flattened to 2D: the weight gradient is then one [in, T] x [T, out] matmul; with the
-        # batch dims kept, XLA CPU transposed the [T, out] cotangent first (slow copy fusions).
-        x2 = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = jnp.dot(x2, self.kernel[...].astype(self.dtype)).reshape(*x.shape[:-1], -1)
+        y = matmul(x.astype(self.dtype), self.kernel[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x [..., in] (already ``dtype``) @ w [in, out] -> [..., out] in ``dtype``.
+
+    All three products (y, dx, dw) multiply ``dtype`` operands and accumulate in f32; dw comes
+    back in w's dtype (f32 parameters keep f32 gradients). Hand-written for XLA CPU, where a
+    bf16 dot is only kept in bf16 (2x the f32 rate) when it has f32 output and both operands are
+    row-major with the contraction on the lhs' last and the rhs' first axis; anything else is
+    silently computed in f32, and plain autodiff produces exactly such dots (x^T g, g w^T).
+    Splitting a contracted axis in two (see :func:`split_contract`) makes XLA materialise the
+    transposed operand instead. Same maths on every backend.
+    """
+    return _matmul_fwd(x, w, dtype)[0]
+
+
+def split_contract(a: jax.Array, axis: int) -> jax.Array:
+    """Splits ``axis`` into (2, n/2) (when even): a contraction over both then lowers to a
+    canonical row-major dot with an explicit transpose on XLA CPU (see :func:`matmul`)."""
+    n = a.shape[axis]
+    if n % 2:
+        return a
+    return a.reshape(*a.shape[:axis], 2, n // 2, *a.shape[axis + 1:])
+
+
+def _matmul_fwd(x, w, dtype):
+    x2 = x.reshape(-1, x.shape[-1])
+    y = jnp.dot(x2, w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(dtype).reshape(*x.shape[:-1], w.shape[1]), (x, w)
+
+
+def _matmul_bwd(dtype, res, g):
+    x, w = res
+    f32 = jnp.float32
+    g2 = g.reshape(-1, g.shape[-1]).astype(dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if dtype != jnp.float32 and g2.shape[1] % 2 == 0 and g2.shape[0] >= 64:
+        # dx = g w^T over the split `out` axis (f32 dots run natively in any layout, and for a
+        # few rows the f32 product is cheaper than transposing w)
+        dx = jnp.einsum("tab,iab->ti", split_contract(g2, 1), split_contract(w.astype(dtype), 1),
+                        preferred_element_type=f32)
+    else:
+        dx = jnp.dot(g2, w.astype(dtype).T, preferred_element_type=f32)
+    if x2.shape[0] % 2 == 0:  # dw = x^T g, contracting the split token axis
+        dw = jnp.einsum("abi,abo->io", split_contract(x2, 0), split_contract(g2, 0),
+                        preferred_element_type=f32)
+    else:
+        dw = jnp.dot(x2.T, g2, preferred_element_type=f32)
+    return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def rms_norm(x: jax.Array, eps: float = 1e-6, scale: jax.Array | None = None) -> jax.Array:

@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_config(spec: str):
     """'path/to/file.py:VARIANT' -> the file's get_config(VARIANT)."""
     path, _, variant = spec.partition(":")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(repo, path)):
+        path = os.path.join(repo, path)  # a repo-relative path works from any directory
     if not os.path.isfile(path):
         raise SystemExit(f"--config: no file {path!r}; pass e.g. configs/lavin_dit.py:bench")
     mod_spec = importlib.util.spec_from_file_location("_bench_config", path)
