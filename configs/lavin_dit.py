@@ -40,6 +40,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         in_channels=8 if arg == "demo" else 16,
         attention_backend="xla",  # xla | cudnn | splash
         remat_policy="none" if arg in ("demo", "bench") else "full",
+        # CPU: unrolled layers run ~30% faster than the scan (no stacked residual buffers)
+        scan_layers=arg != "bench",
         param_dtype="float32",
         dtype="float32" if arg in ("demo", "bench") else "bfloat16",
     ))

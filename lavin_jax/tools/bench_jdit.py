@@ -86,13 +86,12 @@ def model_config(args: argparse.Namespace) -> JDiTConfig:
     return JDiTConfig.from_config(m)
 
 
-def analytic_flops(cfg: JDiTConfig, batch: int, tc: int, tx: int, tokens_per_frame: int,
-                   null_frames: int | None = None) -> float:
+def analytic_flops(cfg: JDiTConfig, batch: int, tc: int, tx: int, tokens_per_frame: int) -> float:
     """Forward FLOPs of one packed call: 2 * matmul MACs per token + 4 L^2 D attention per layer.
 
-    Per-segment work (timestep MLP, adaLN modulation) is per example and counted too; norms and
-    elementwise ops are not. ``null_frames`` (CFG) doesn't shrink anything: padded rows run at
-    full length, so this is the work actually executed.
+    Per-example work (timestep MLP, adaLN modulation) is counted too; norms, softmax and other
+    elementwise ops are not. The last block's condition-stream output projection and MLP are
+    left out: nothing reads them, so XLA removes them. A train step is taken as 3x the forward.
     """
     d, m, p = cfg.hidden_size, cfg.mlp_dim, cfg.token_dim
     kv = cfg.num_kv_heads * cfg.head_dim
@@ -100,17 +99,21 @@ def analytic_flops(cfg: JDiTConfig, batch: int, tc: int, tx: int, tokens_per_fra
     per_tok_layer = 2 * (d * d + 2 * d * kv + d * d + 3 * d * m)  # q, k, v, o, SwiGLU
     layer = (lc + lx) * per_tok_layer + 4 * (lc + lx) ** 2 * d
     per_example = 2 * (cfg.freq_dim * d + d * d + cfg.depth * 2 * d * 4 * d + d * d)
-    total = cfg.depth * layer + 2 * (lc + lx) * p * d + per_example
+    dead = lc * 2 * (d * d + 3 * d * m)
+    total = cfg.depth * layer - dead + 2 * (lc + lx) * p * d + per_example
     return float(batch * total)
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
+def _median_time(fn, reps: int) -> tuple[float, float]:
+    """Median (wall s, process CPU s) of ``reps`` calls. CPU seconds count all threads; on a
+    shared host they are the figure that load doesn't inflate."""
+    wall, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def matmul_peak(dtype: jnp.dtype, n: int, reps: int = 5) -> float:
@@ -119,7 +122,7 @@ def matmul_peak(dtype: jnp.dtype, n: int, reps: int = 5) -> float:
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     jax.block_until_ready(f(a, b))
-    return 2.0 * n**3 / _median_time(lambda: f(a, b), reps)
+    return 2.0 * n**3 / _median_time(lambda: f(a, b), reps)[0]
 
 
 def make_train_step(graphdef, tx):
@@ -173,7 +176,7 @@ def main(argv: list[str]) -> dict:
 
     for _ in range(args.warmup):
         jax.block_until_ready(run_step())
-    train_s = _median_time(run_step, args.steps)
+    train_s, train_cpu = _median_time(run_step, args.steps)
     loss = float(run_step())
 
     tpf = (h // cfg.patch_size) * (w // cfg.patch_size)
@@ -185,7 +188,8 @@ def main(argv: list[str]) -> dict:
         latent=f"{h}x{w}", hidden=cfg.hidden_size, depth=cfg.depth, heads=cfg.num_heads,
         kv_group=cfg.kv_group, patch=cfg.patch_size, channels=c, params=n_params,
         tokens_per_row=(tc + tx) * tpf, remat=cfg.remat_policy, backend=cfg.attention_backend,
-        compile_s=round(compile_s, 2), train_step_s=round(train_s, 4), loss=round(loss, 4),
+        compile_s=round(compile_s, 2), train_step_s=round(train_s, 4),
+        train_step_cpu_s=round(train_cpu, 4), loss=round(loss, 4),
         train_flops=train_flops, flops_source="analytic (x3 forward)",
         xla_cost_analysis_flops=xla_flops,
     )
@@ -201,10 +205,13 @@ def main(argv: list[str]) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(sample())
         result["sample_compile_s"] = round(time.perf_counter() - t0, 2)
-        sample_s = _median_time(sample, args.sample_reps)
-        rows = 2 * b if args.cfg_scale != 1.0 else b
-        sample_flops = (args.num_steps - 1) * analytic_flops(cfg, rows, tc, tx, tpf)
-        result.update(sample_s=round(sample_s, 4), sample_flops=sample_flops,
+        sample_s, sample_cpu = _median_time(sample, args.sample_reps)
+        per_step = analytic_flops(cfg, b, tc, tx, tpf)
+        if args.cfg_scale != 1.0:  # the null branch: zero frame + query, its own 2-frame call
+            per_step += analytic_flops(cfg, b, 2, tx, tpf)
+        sample_flops = (args.num_steps - 1) * per_step
+        result.update(sample_s=round(sample_s, 4), sample_cpu_s=round(sample_cpu, 4),
+                      sample_flops=sample_flops,
                       sample_flops_per_s=sample_flops / sample_s)
 
     peak = matmul_peak(compute, args.peak_size)
