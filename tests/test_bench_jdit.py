@@ -116,3 +116,22 @@ def test_two_frame_null_branch_equals_padded_null_context():
     padded = model.forward_packed(packing.pack_latents(x, t, null, 2, n))
     short = model.forward_packed(packing.pack_latents(x, t, null[:, :2], 2))
     np.testing.assert_allclose(short, padded, atol=1e-5)
+
+
+def test_segment_gather_vjp_is_the_gather_transpose():
+    # jdit._gather_segments has a one-hot-matmul backward (GPU scatter-add was pathological).
+    from lavin_jax.models.jdit import _gather_segments
+
+    per_seg = latents(0, 2, 3, 5)
+    seg = jnp.array([[1, 1, 2, 3, 3, 0], [2, 2, 2, 1, 0, 0]])
+    ct = latents(1, 2, 6, 5)
+
+    def plain(p):
+        idx = jnp.clip(seg - 1, 0, 2)
+        return jnp.sum(jnp.take_along_axis(p, idx[..., None], axis=1) * ct)
+
+    ours = lambda p: jnp.sum(_gather_segments(p, seg) * ct)
+    want = jnp.take_along_axis(per_seg, jnp.clip(seg - 1, 0, 2)[..., None], 1)
+    np.testing.assert_array_equal(_gather_segments(per_seg, seg), want)
+    np.testing.assert_allclose(jax.grad(ours)(per_seg), jax.grad(plain)(per_seg),
+                               rtol=1e-6, atol=1e-6)
