@@ -109,6 +109,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         hooks.append(periodic_actions.Profile(
             logdir=workdir, first_profile=cfg.profile_first_step,
             num_profile_steps=cfg.profile_steps))
+    from lavin_jax.eval_periodic import PeriodicEval  # None unless a J-DiT run can be decoded
+
+    periodic_eval = PeriodicEval.create(cfg, workdir, writer)
     preemption = Preemption()
     tokens_fn = getattr(objective, "tokens_per_batch", None)
     t_last, steps_last, tokens_acc, metrics = time.time(), step, 0, {}
@@ -138,6 +141,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             visualize = getattr(objective, "visualize", None)
             if visualize and cfg.sample_every_steps and step % cfg.sample_every_steps == 0:
                 _write_samples(visualize, tr, state, batch, writer, workdir_path, step)
+            if periodic_eval is not None:
+                periodic_eval(step, tr, state)  # every cfg.eval_every_steps
             stop = preemption.check(ckpt, step)
             if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop:
                 _save(ckpt, step, state, data, cfg)
@@ -180,7 +185,12 @@ def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:
 
 
 def _write_samples(visualize, tr, state, batch, writer, workdir, step) -> None:
-    image = np.asarray(visualize(tr.modules(state), batch, step))
+    params = dict(state["params"])
+    # The EMA once its initial weights have decayed below e^-3 (~5%) of it; before that the
+    # current params show more (EMA 0.999 needs 3000 steps).
+    if tr.ema_groups and step * (1.0 - tr.ema_decay) >= 3.0:
+        params.update(state["ema"])
+    image = np.asarray(visualize(tr.modules(state, params), batch, step))
     writer.write_images(step, {"samples": image[None]})
     if jax.process_index() == 0:
         from PIL import Image
