@@ -59,6 +59,14 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         num_steps=20, grid="official", method="euler", cfg_scale=1.5, shift=1.0,
     ))
     cfg.data = data_config(arg)
+    # Evaluation (lavin_jax/evaluate.py; keys as its flags override config.sample there).
+    cfg.eval = ml_collections.ConfigDict(dict(
+        tasks=[],  # [] = the training tasks (config.data.tasks)
+        # In-training eval every eval_every_steps (lavin_jax/eval_periodic.py): a small fixed
+        # subset, fewer ODE steps; needs config.data.vae_checkpoint to decode predictions.
+        in_training=dict(num_examples=8 if arg == "demo" else 32, num_steps=10, grid="uniform",
+                         task_identification=arg == "demo"),
+    ))
     return cfg
 
 
@@ -86,6 +94,8 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         sources={"image": f"synthetic_scenes/{res}", "video": f"synthetic_scenes/clips5_{res}"},
         task_sources={},  # {task: source} overrides
         tasks=tasks,  # {task: weight}; task ids follow the sorted names
+        # Tasks kept out of training, evaluated given only as context (as the paper's).
+        held_out_tasks=["foreground", "single_detection"],
         task_options={},  # {task: {option: value}}
         pairs=[1.0] * 8,  # weights of N = 1..8 context pairs
         # Square pixel sizes (or [h, w]); rows mix resolutions. Demo: 64 px = 16x16 latents =

@@ -3,7 +3,8 @@
     python -m lavin_jax.evaluate --config=configs/lavin_dit.py:demo --workdir=runs/demo \
         [--task=depth --task=edges ...] [--step=N] [--num_examples=64] [--num_pairs=4] \
         [--split=test] [--resolution=64] [--batch_size=8] [--seed=1234] \
-        [--lpips_weights=F --fid_weights=F] [--metric_option=depth_align=scale_shift ...]
+        [--lpips_weights=F --fid_weights=F] [--metric_option=depth_align=scale_shift ...] \
+        [--task_identification | --context_lengths=1,2,4,8]
 
 For every task: episodes 0..num_examples-1 of a one-task sampler (``--num_pairs`` context
 pairs, one resolution, the eval ``--split`` of the task's source, ``--seed``; see
@@ -15,7 +16,11 @@ target is sampled (lavin_jax/sample.py: CFG ODE, noise keyed by episode index) a
 Models: the J-DiT of the run's checkpoint (EMA when kept; ``--checkpoint`` = a params
 directory instead), the ST-VAE from ``--vae_checkpoint`` or ``config.data.vae_checkpoint``.
 Defaults come from ``config.eval`` when the config has one (keys as the flags), then
-``config.sample`` for the sampler. Single-process; a multi-host run is not supported yet.
+``config.sample`` for the sampler. Multi-process: every process scores a contiguous block of
+the episodes on its local devices; the metric statistics are gathered and process 0 writes
+(lavin_jax/metrics/distributed.py). Also: ``--task_identification`` and ``--context_lengths=1,2,
+4,8`` (lavin_jax/eval_incontext.py), :func:`demo_table` for the demo, in-training evaluation in
+lavin_jax/eval_periodic.py. Tasks outside config.data.tasks are marked ``held_out`` in settings.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ from lavin_jax import metrics, sample
 from lavin_jax.data import episodes
 from lavin_jax.data.tasks import Task
 from lavin_jax.data.tasks.drawing import image_of
-from lavin_jax.metrics import report
+from lavin_jax.metrics import distributed, report
 
 log = logging.getLogger(__name__)
 
+GRID_ROWS = 8  # episodes shown in WORKDIR/eval/<task>/step_<N>.png
 EVAL_DEFAULTS = {"num_examples": 64, "num_pairs": 4, "split": "test", "resolution": None,
                  "batch_size": 8, "seed": 1234}
 
@@ -123,24 +129,31 @@ class Predictor:
 
 
 def evaluate_task(predict: Predictor, task: Task, sampler, source, s: Mapping[str, Any],
-                  nets: metrics.Nets | None = None, metric_options: Mapping[str, Any] = ()):
-    """(model Accumulator, baseline Accumulator) over ``s["num_examples"]`` episodes."""
+                  nets: metrics.Nets | None = None, metric_options: Mapping[str, Any] = (),
+                  indices: range | None = None, grid: list | None = None):
+    """(model Accumulator, baseline Accumulator) over episodes ``indices`` (default: 0 ..
+    ``s["num_examples"]`` - 1, a contiguous range: the episode index keys the noise).
+
+    ``grid``: a list that gets [query input, prediction, truth] uint8 [H, W, 3] rows (first
+    frames) of the first GRID_ROWS episodes."""
     opts = dict(metric_options)
     names = set(task.metrics)
     opts = {k: v for k, v in opts.items() if k in metrics.options_of(names)}
     acc = metrics.Accumulator(task, nets, **opts)
     base = metrics.Accumulator(task, nets, **opts)
-    n = int(s["num_examples"])
-    for start in range(0, n, predict.batch):
-        specs = [sampler.spec(i) for i in range(start, min(n, start + predict.batch))]
+    idx = range(int(s["num_examples"])) if indices is None else indices
+    for start in range(idx.start, idx.stop, predict.batch):
+        specs = [sampler.spec(i) for i in range(start, min(idx.stop, start + predict.batch))]
         items = [episodes.render_episode(sp, task, source)["items"] for sp in specs]
         preds = predict(items, start)
-        for sp, pred in zip(specs, preds):
+        for sp, it, pred in zip(specs, items, preds):
             query, choice = query_choice(task, sp, source)
             ctx, truth = task.context(query, choice), task.truth(query, choice)
             acc.add(task.decode(_to_truth_size(pred, query, sp.resolution), ctx), truth, ctx)
             base.add(task.baseline(query, choice), truth, ctx)
-        log.info("%s: %d/%d episodes", task.name, len(specs) + start, n)
+            if grid is not None and len(grid) < GRID_ROWS:
+                grid.append([it[-2][-1], pred[0], it[-1][0]])
+        log.info("%s: %d/%d episodes", task.name, start + len(specs) - idx.start, len(idx))
     return acc, base
 
 
@@ -151,18 +164,31 @@ def open_source(cfg, name: str, split: str):
     return prepare.load_source(name, cfg.data.data_dir, split)
 
 
+def held_out(cfg, task: str) -> bool:
+    """True when ``task`` is not in the training mixture (config.data.tasks): it is seen only
+    as context at eval time (config.data.held_out_tasks lists such tasks explicitly)."""
+    listed = task in list(cfg.data.get("held_out_tasks") or ())
+    if listed and task in dict(cfg.data.tasks):
+        raise ValueError(f"config.data.held_out_tasks and config.data.tasks both name {task!r}; "
+                         "remove it from one of them")
+    return task not in dict(cfg.data.tasks)
+
+
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str, tasks: Sequence[str], *, jdit, vae,
              step: int, settings: Mapping[str, Any], provenance: Mapping[str, Any] = (),
              nets: metrics.Nets | None = None, metric_options: Mapping[str, Any] = (),
              sources: Mapping[str, Any] | None = None, write: bool = True,
-             devices: Sequence[Any] | None = None) -> dict[str, dict]:
-    """Evaluates ``tasks`` -> {task: report}; writes WORKDIR/eval/<task>/step_<step>.json.
-
-    ``sources`` ({source name: examples}) replaces opening the configured ones (tests);
-    ``devices`` defaults to all local devices."""
+             devices: Sequence[Any] | None = None, predict: Predictor | None = None
+             ) -> dict[str, dict]:
+    """Evaluates ``tasks`` -> {task: report}; process 0 writes WORKDIR/eval/<task>/step_<step>
+    .json and .png. Every process scores its block of the examples on its local devices
+    (``devices``, default all local ones); the statistics are gathered (a collective: every
+    process calls this with the same arguments). ``sources`` ({source name: examples})
+    replaces opening the configured ones (tests); ``predict`` replaces the model (tests)."""
     s = dict(settings)
-    predict = Predictor(jdit, vae, s, devices)
+    predict = predict or Predictor(jdit, vae, s, devices)
     opened = dict(sources or {})
+    pidx, pcount = distributed.process_info()
     out = {}
     for name in tasks:
         t0 = time.time()
@@ -171,21 +197,99 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str, tasks: Sequence[str],
             opened[entry.source] = open_source(cfg, entry.source, s["split"])
         src = opened[entry.source]
         sampler, task = task_sampler(entry, s, len(src)), entry.make()
-        acc, base = evaluate_task(predict, task, sampler, src, s, nets, metric_options)
+        grid: list = []
+        acc, base = evaluate_task(predict, task, sampler, src, s, nets, metric_options,
+                                  distributed.shard_range(int(s["num_examples"]), pidx, pcount),
+                                  grid)
+        distributed.gather_accumulators([acc, base])
         used = {k: v for k, v in dict(metric_options).items()
                 if k in metrics.options_of(task.metrics)}
         settings_out = {**dict(provenance), **s, "source": entry.source,
-                        "task_options": dict(entry.options), "devices": predict.num_devices,
+                        "task_options": dict(entry.options), "held_out": held_out(cfg, name),
+                        "devices": getattr(predict, "num_devices", 1) * pcount,
+                        "processes": pcount,
                         "metric_options": {**metrics.options_of(task.metrics), **used},
                         "nets": dict(nets.describe) if nets else {}}
         settings_out.setdefault("params", "params")
         rep = report.make_report(task, step, acc.result(), base.result(), acc.skipped,
                                  acc.count, settings_out, time.time() - t0)
-        if write:
-            report.write_report(report.report_path(workdir, name, step), rep)
+        if write and pidx == 0:
+            path = report.write_report(report.report_path(workdir, name, step), rep)
+            if grid:
+                write_grid(path.with_suffix(".png"), grid)
         out[name] = rep
         log.info("%s step %d: %s (baseline %s)", name, step, rep["metrics"], rep["baseline"])
     return out
+
+
+def write_grid(path, rows: list[list[np.ndarray]]) -> None:
+    """Rows of uint8 [H, W, 3] tiles (query | prediction | truth) -> one PNG."""
+    from PIL import Image
+
+    Image.fromarray(sample.make_grid(rows)).save(path)
+
+
+# ---- the demo's table ------------------------------------------------------------------------
+def load_run_models(workdir: str, step: int | None = None, vae_checkpoint: str = "",
+                    checkpoint: str = "", dtype: str = ""):
+    """(jdit, vae, provenance) of a J-DiT run (EMA params when kept) or a params checkpoint."""
+    margs = argparse.Namespace(workdir="" if checkpoint else str(workdir), step=step,
+                               checkpoint=checkpoint, vae_checkpoint=vae_checkpoint, dtype=dtype)
+    jdit, vae, _, prov = sample.load_models(margs)
+    return jdit, vae, prov
+
+
+def demo_table(cfg: ml_collections.ConfigDict, workdir: str, tasks: Sequence[str] | None = None,
+               *, step: int | None = None, vae_checkpoint: str = "",
+               flags: Mapping[str, Any] = (), models=None, **kw) -> list[dict[str, Any]]:
+    """Evaluates ``tasks`` (default: config.eval.tasks, else the training tasks) of the run in
+    ``workdir`` and returns one row per task: {task, metric (the main one), value, baseline,
+    higher_is_better, beats_baseline, held_out}. ``flags`` override config.eval
+    (num_examples, ...); ``models`` = (jdit, vae, provenance) skips loading; ``kw`` goes to
+    :func:`evaluate` (sources, devices, ...)."""
+    s = eval_settings(cfg, dict(flags))
+    jdit, vae, prov = models or load_run_models(
+        workdir, step, vae_checkpoint or str(cfg.data.get("vae_checkpoint", "") or ""))
+    tasks = list(tasks or default_tasks(cfg))
+    reps = evaluate(cfg, workdir, tasks, jdit=jdit, vae=vae, settings=s, provenance=prov,
+                    step=int(prov.get("step", step or 0)), **kw)
+    return [table_row(r) for r in reps.values()]
+
+
+def table_row(rep: Mapping[str, Any]) -> dict[str, Any]:
+    """A report's main metric as a demo-table row."""
+    m = rep["main_metric"]
+    v, b, hib = rep["metrics"][m], rep["baseline"][m], rep["higher_is_better"][m]
+    beats = None if v is None or b is None else bool(v > b if hib else v < b)
+    return {"task": rep["task"], "metric": m, "value": v, "baseline": b, "higher_is_better": hib,
+            "beats_baseline": beats, "held_out": bool(rep["settings"].get("held_out", False))}
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """demo_table rows as an aligned text table."""
+    def num(v):
+        return "-" if v is None else f"{v:.4g}"
+
+    lines = [f"{'task':<20} {'metric':<10} {'model':>10} {'baseline':>10}  better  beats"]
+    for r in rows:
+        mark = {True: "yes", False: "NO", None: "-"}[r.get("beats_baseline")]
+        name = r["task"] + (" (held out)" if r.get("held_out") else "")
+        better = "higher" if r["higher_is_better"] else "lower"
+        lines.append(f"{name:<20} {r['metric']:<10} {num(r['value']):>10} "
+                     f"{num(r['baseline']):>10}  {better:<6}  {mark}")
+    return "\n".join(lines)
+
+
+def default_tasks(cfg) -> list[str]:
+    """config.eval.tasks, else the training tasks (config.data.tasks)."""
+    return list((cfg.get("eval") or {}).get("tasks") or sorted(dict(cfg.data.tasks)))
+
+
+def task_identification_accuracy(cfg, workdir: str, **kw) -> float:
+    """Task identification accuracy of the run (see lavin_jax/eval_incontext.py)."""
+    from lavin_jax import eval_incontext
+
+    return eval_incontext.run_task_identification(cfg, workdir, **kw)["accuracy"]
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -220,12 +324,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fid_weights", default="", help="feature network for FID/FVD (same format)")
     p.add_argument("--metric_option", type=_option, action="append", default=[],
                    help="NAME=VALUE metric option, e.g. depth_align=scale_shift")
+    p.add_argument("--task_identification", action="store_true", help="task identification "
+                   "accuracy over --task (default: the training image tasks with distinct "
+                   "targets) -> WORKDIR/eval/task_identification/step_<N>.json")
+    p.add_argument("--context_lengths", type=_ints, default=None, help="e.g. 1,2,4,8: metrics "
+                   "vs number of context pairs per --task -> WORKDIR/eval/context_length/")
     return p
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use comma-separated integers") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need pair counts >= 1")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from lavin_jax import eval_incontext
     from lavin_jax.metrics.image import load_nets
     from lavin_jax.tools.bench_jdit import load_config
 
@@ -234,20 +354,30 @@ def main(argv: list[str] | None = None) -> int:
         flags = {k: getattr(args, k) for k in
                  (*EVAL_DEFAULTS, *sample.DEFAULT_SAMPLE) if getattr(args, k, None) is not None}
         s = eval_settings(cfg, flags)
-        tasks = args.task or list((cfg.get("eval") or {}).get("tasks") or cfg.data.tasks)
-        if not args.vae_checkpoint:
-            args.vae_checkpoint = str(cfg.data.get("vae_checkpoint", "") or "")
-        margs = argparse.Namespace(workdir="" if args.checkpoint else args.workdir,
-                                   checkpoint=args.checkpoint, step=args.step,
-                                   vae_checkpoint=args.vae_checkpoint, dtype=args.dtype)
-        jdit, vae, _, prov = sample.load_models(margs)
+        vae_dir = args.vae_checkpoint or str(cfg.data.get("vae_checkpoint", "") or "")
+        jdit, vae, prov = load_run_models(args.workdir, args.step, vae_dir, args.checkpoint,
+                                          args.dtype)
         step = int(prov.get("step", args.step or 0))
+        common = dict(jdit=jdit, vae=vae, step=step, settings=s, provenance=prov)
+        if args.task_identification:
+            r = eval_incontext.task_identification(cfg, args.workdir, args.task or None, **common)
+            print(eval_incontext.format_confusion(r))
+            print(json.dumps({"accuracy": r["accuracy"], "chance": r["chance"]}))
+            return 0
+        tasks = args.task or default_tasks(cfg)
+        if args.context_lengths:
+            for t in tasks:
+                r = eval_incontext.context_length_table(cfg, args.workdir, t,
+                                                        args.context_lengths, **common)
+                print(eval_incontext.format_context_table(r))
+            return 0
         nets = load_nets(args.lpips_weights, args.fid_weights)
-        reps = evaluate(cfg, args.workdir, tasks, jdit=jdit, vae=vae, step=step, settings=s,
-                        provenance=prov, nets=nets, metric_options=dict(args.metric_option))
+        reps = evaluate(cfg, args.workdir, tasks, nets=nets,
+                        metric_options=dict(args.metric_option), **common)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(format_table([table_row(r) for r in reps.values()]))
     print(json.dumps({t: {"main": r["main_metric"], "value": r["metrics"][r["main_metric"]],
                           "baseline": r["baseline"][r["main_metric"]]} for t, r in reps.items()}))
     return 0
