@@ -270,12 +270,12 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     def num(v):
         return "-" if v is None else f"{v:.4g}"
 
-    lines = [f"{'task':<20} {'metric':<10} {'model':>10} {'baseline':>10}  better  beats"]
+    lines = [f"{'task':<24} {'metric':<10} {'model':>10} {'baseline':>10}  better  beats"]
     for r in rows:
         mark = {True: "yes", False: "NO", None: "-"}[r.get("beats_baseline")]
         name = r["task"] + (" (held out)" if r.get("held_out") else "")
         better = "higher" if r["higher_is_better"] else "lower"
-        lines.append(f"{name:<20} {r['metric']:<10} {num(r['value']):>10} "
+        lines.append(f"{name:<24} {r['metric']:<10} {num(r['value']):>10} "
                      f"{num(r['baseline']):>10}  {better:<6}  {mark}")
     return "\n".join(lines)
 

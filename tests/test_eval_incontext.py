@@ -247,3 +247,70 @@ def test_periodic_eval_on_tiny_models(setup, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert pe(15, tr, state) is None
     assert "in-training eval at step 15 failed" in caplog.text
+
+
+def test_cli_modes(tmp_path, monkeypatch, capsys):
+    """The CLI's three modes write their files and print their tables (model and data
+    stand-ins: flag plumbing only; the model path is covered above)."""
+    src = [render_example(s, 64) for s in range(6)]
+    monkeypatch.setattr(evaluate, "load_run_models", lambda *a: (None, None, {"step": 3}))
+    monkeypatch.setattr(evaluate, "Predictor", lambda *a, **k: Oracle())
+    monkeypatch.setattr(evaluate, "open_source", lambda cfg, name, split: src)
+    base = ["--config=configs/lavin_dit.py:demo", f"--workdir={tmp_path}", "--num_examples=2",
+            "--num_pairs=1"]
+    assert evaluate.main([*base, "--task=edges", "--task=foreground"]) == 0
+    out = capsys.readouterr().out
+    assert "foreground (held out)" in out and json.loads(out.splitlines()[-1])["edges"][
+        "value"] == 1.0
+    assert (tmp_path / "eval" / "edges" / "step_3.png").exists()
+    assert evaluate.main([*base, "--task_identification"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"] == 1.0
+    r = json.loads((tmp_path / "eval" / "task_identification" / "step_3.json").read_text())
+    assert len(r["tasks"]) == 7 and r["num_queries"] == 2
+    assert evaluate.main([*base, "--task=depth", "--context_lengths=1,2"]) == 0
+    assert "pairs" in capsys.readouterr().out
+    r = json.loads((tmp_path / "eval" / "context_length" / "depth" / "step_3.json").read_text())
+    assert [row["num_pairs"] for row in r["rows"]] == [1, 2]
+    with pytest.raises(SystemExit):
+        evaluate.main([*base, "--context_lengths=0,2"])
+
+
+@pytest.mark.slow
+def test_training_loop_runs_the_in_training_eval(tmp_path, monkeypatch):
+    """The real loop (8 fake devices, sharded params under the training rules) calls the hook
+    every eval_every_steps: reports, task identification and TensorBoard scalars."""
+    import tiny_run_config
+
+    from lavin_jax import checkpoint, train
+
+    vc = STVAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4,
+                     norm_num_groups=2, spatial_norm_groups=2, tile_sample_size=32,
+                     tile_sample_frames=5)
+    with nnx.use_eager_sharding(False):
+        vae = STVAE(vc, rngs=nnx.Rngs(1))
+    checkpoint.save_params(tmp_path / "vae", {"stvae": nnx.to_pure_dict(nnx.state(
+        vae, nnx.Param))}, {"configs": {"stvae": vc}})
+    cfg = tiny_run_config.get_config("4")
+    cfg.eval_every_steps = 2
+    with cfg.data.ignore_type():
+        cfg.data.vae_checkpoint = str(tmp_path / "vae")
+        cfg.data.tasks = {"edges": 1.0, "depth": 1.0}  # the eval's tasks (the rows are synthetic)
+        cfg.data.sources = {"image": "mem"}
+        cfg.data.resolutions = [32]
+    cfg.eval.in_training = dict(num_examples=2, num_pairs=1, batch_size=8, num_steps=2,
+                                grid="uniform", task_identification=True)
+    src = [render_example(s, 32) for s in range(6)]
+    monkeypatch.setattr(evaluate, "open_source", lambda cfg, name, split: src)
+    train.train(cfg, str(tmp_path / "run"))
+    for step in (2, 4):
+        for t in ("edges", "depth"):
+            r = report.read_report(tmp_path / "run" / "eval" / t / f"step_{step}.json")
+            assert r["num_examples"] == 2 and r["settings"]["devices"] == 8
+        assert (tmp_path / "run" / "eval" / "task_identification" / f"step_{step}.json").exists()
+    import tensorflow as tf
+
+    tags = {(e.step, v.tag) for f in (tmp_path / "run").glob("events.out.tfevents.*")
+            for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value}
+    for step in (2, 4):
+        assert {(step, "eval/edges/ods_f"), (step, "eval/depth/baseline/abs_rel"),
+                (step, "eval/task_identification/accuracy")} <= tags
