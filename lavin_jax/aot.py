@@ -14,8 +14,9 @@ the exact sharded executable the trainer would run, from abstract arrays only:
 - predicted step time = model FLOPs / (chips x peak bf16 FLOP/s x MFU).
 
 Batch shapes: packed rows of ``data.cond_len`` + ``data.target_len`` tokens by default (what the
-trainer runs), or one episode per row from ``--resolution`` and ``--pairs``: (2 pairs + 1 query)
-frames of (px / vae_stride / patch)^2 tokens as condition and one target frame.
+trainer runs), or one episode per row from ``--resolution`` and ``--pairs``: 2 x pairs + 1 (the
+query) frames of (px / vae_stride / patch)^2 tokens as condition and one target frame (256 px,
+8 pairs, patch 2: 17 x 256 = 4352 + 256 tokens; 512 px: 17 x 1024 = 17408 + 1024).
 A human summary comes first; the last line is one JSON object. Exit status 1 when it does not fit.
 """
 
@@ -264,6 +265,17 @@ def _oom_bytes(message: str) -> int | None:
     return None
 
 
+def _without_data_paths(cfg):
+    """``cfg`` for validation before renting: the latent cache and the init checkpoint need not
+    exist yet (the step compiled from cache rows is the same whatever the cache holds)."""
+    cfg = copy.deepcopy(cfg)
+    with cfg.unlocked():
+        cfg.init_from = ""
+        if "data" in cfg and cfg.data.get("mode", "cache") == "cache":
+            cfg.data.mode, cfg.data.vae_checkpoint = "render", "toy"  # = cache rows, no files
+    return cfg
+
+
 def check(cfg, topo: Topology, rows: Rows, mfu: float = 0.4, flops: bool = True,
           log=print) -> dict[str, Any]:
     """Compiles ``cfg``'s train step for ``topo``; returns the report (see :func:`fit_report`)."""
@@ -275,14 +287,16 @@ def check(cfg, topo: Topology, rows: Rows, mfu: float = 0.4, flops: bool = True,
         cfg.num_slices = topo.num_slices
         if "data" in cfg:
             cfg.data.global_batch = rows.rows
-    validate_config(cfg, topo.chips)
+    validate_config(_without_data_paths(cfg), topo.chips)
     devices = topology_devices(topo)
     mesh = sharding.make_mesh(cfg, devices)
     shape = dict(mesh.shape)
     log(f"lavin_jax.aot: {topo.name} x{topo.num_slices} = {topo.chips} chips "
         f"({topo.libtpu_name}, {devices[0].device_kind}); mesh {shape}")
+    shards = sharding.num_batch_shards(mesh, cfg.sharding.rules)
     log(f"batch: {rows.rows} rows x (Lc {rows.cond_len} + Lx {rows.target_len}) tokens, "
-        f"{rows.segments} segment(s)/row; model {cfg.model.get('hidden_size')}x"
+        f"{rows.segments} segment(s)/row, {rows.rows // shards} rows per batch shard "
+        f"(split over {shape['context']} along the length); model {cfg.model.get('hidden_size')}x"
         f"{cfg.model.get('depth')} remat={cfg.model.get('remat_policy')} "
         f"attention={cfg.model.get('attention_backend')} microbatches={cfg.microbatches}")
     t0 = time.time()
@@ -310,9 +324,13 @@ def check(cfg, topo: Topology, rows: Rows, mfu: float = 0.4, flops: bool = True,
     report = fit_report(mem, topo, model_flops, mfu)
     if error:
         report.update(fits=False, compile_error=error)
+    m = cfg.model
     report.update(
         topology=topo.name, num_slices=topo.num_slices, mesh=shape,
         batch=dataclasses.asdict(rows), executed_flops_per_step=exec_flops,
+        model={k: m.get(k) for k in ("hidden_size", "depth", "remat_policy",
+                                     "attention_backend", "dtype")},
+        microbatches=int(cfg.get("microbatches", 1)),
         flops_s=round(t1 - t0, 1), compile_s=round(time.time() - t1, 1))
     _summary(report, topo, log)
     return report

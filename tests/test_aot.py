@@ -92,6 +92,22 @@ def test_flops_extrapolated_from_depth_1_and_2_equal_the_unrolled_step():
     assert got < aot.step_flops(cfg, rows, remat="none") < 1.03 * got
 
 
+def test_validation_before_renting_needs_no_cache_or_checkpoint():
+    """The fit check runs before the latent cache / init checkpoint exist; mesh errors remain."""
+    from lavin_jax.run_config import ConfigError, validate_config
+
+    cfg = lavin_dit.get_config("1b")
+    cfg.data.cache_dir, cfg.init_from = "", "/nonexistent/ckpt"
+    cfg.data.global_batch = 640
+    with pytest.raises(ConfigError, match="cache_dir"):
+        validate_config(cfg, 64)
+    validate_config(aot._without_data_paths(cfg), 64)  # no error
+    assert cfg.data.mode == "cache" and cfg.init_from  # the caller's config is untouched
+    cfg.mesh.context = 3
+    with pytest.raises(ConfigError, match="config.mesh"):
+        validate_config(aot._without_data_paths(cfg), 64)
+
+
 def test_missing_libtpu_fails_with_the_install_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
