@@ -69,6 +69,8 @@ class PeriodicEval:
         over = dict((cfg.get("eval") or {}).get("in_training") or {})
         self.with_ti = bool(over.pop("task_identification", False))
         self.tasks = evaluate.default_tasks(cfg)
+        for t in self.tasks:
+            evaluate.held_out(cfg, t)  # a task both trained and held out is a config error
         # config errors fail here, before training
         self.settings = s = evaluate.eval_settings(cfg, over)
         flow.time_grid(int(s["num_steps"]), s["grid"], float(s["shift"]))

@@ -12,7 +12,8 @@ lavin_jax/data/episodes.py) are rendered; every item is encoded alone by the ST-
 target is sampled (lavin_jax/sample.py: CFG ODE, noise keyed by episode index) and decoded,
 ``task.decode`` reads it back, and lavin_jax/metrics scores it against ``task.truth`` next to
 ``task.baseline``. Batches are split over the local devices (models replicated). The report
-(schema: lavin_jax/metrics/report.py) goes to WORKDIR/eval/<task>/step_<N>.json.
+(schema: lavin_jax/metrics/report.py) goes to WORKDIR/eval/<task>/step_<N>.json, a grid of the
+first episodes (query | prediction | truth) to step_<N>.png.
 Models: the J-DiT of the run's checkpoint (EMA when kept; ``--checkpoint`` = a params
 directory instead), the ST-VAE from ``--vae_checkpoint`` or ``config.data.vae_checkpoint``.
 Defaults come from ``config.eval`` when the config has one (keys as the flags), then
