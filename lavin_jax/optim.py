@@ -1,11 +1,16 @@
-"""Optimizers from config: AdamW, warmup + cosine/constant schedule, clipping, decay mask."""
+"""Optimizers from config: AdamW, warmup + cosine/constant schedule, clipping, decay mask.
+
+Every optimizer built here ends with :func:`record_lr`, so its state holds the learning rate the
+last update used (``current_lr``): the trainer logs it per group without knowing the schedule.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -44,15 +49,49 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+class LrState(NamedTuple):
+    count: jax.Array  # int32[]: updates made
+    learning_rate: jax.Array  # float32[]: the schedule's value at the last update (at init: step 0)
+
+
+def record_lr(sched: optax.Schedule) -> optax.GradientTransformation:
+    """Identity on the updates; keeps ``sched(count)`` of the update just made in its state.
+
+    Chained next to the AdamW that uses the same schedule, its count moves in step with AdamW's
+    (the trainer keeps or drops the whole optimizer state of a step together).
+    """
+
+    def init(params: Any) -> LrState:
+        del params
+        return LrState(jnp.zeros([], jnp.int32), jnp.asarray(sched(0), jnp.float32))
+
+    def update(updates: Any, state: LrState, params: Any = None) -> tuple[Any, LrState]:
+        del params
+        lr = jnp.asarray(sched(state.count), jnp.float32)
+        return updates, LrState(optax.safe_increment(state.count), lr)
+
+    return optax.GradientTransformation(init, update)
+
+
+def current_lr(opt_state: Any) -> jax.Array | None:
+    """The learning rate :func:`record_lr` kept in ``opt_state``, or None if it has none."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LrState))
+             if isinstance(s, LrState)]
+    return found[0].learning_rate if found else None
+
+
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-    """AdamW with the schedule above and global-norm clipping (``grad_clip`` <= 0 disables)."""
+    """AdamW with the schedule above and global-norm clipping (``grad_clip`` <= 0 disables),
+    then :func:`record_lr` (state: ``(clip state,) adamw state, LrState``)."""
     o = {**DEFAULTS, **dict(cfg)}
     unknown = sorted(set(o) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"optimizer config has unknown keys {unknown}; known: {sorted(DEFAULTS)}")
+    sched = schedule(o)
     adam = optax.adamw(
-        schedule(o), b1=o["b1"], b2=o["b2"], eps=o["eps"],
+        sched, b1=o["b1"], b2=o["b2"], eps=o["eps"],
         weight_decay=o["weight_decay"], mask=decay_mask,
     )
     clip = float(o["grad_clip"])
-    return optax.chain(optax.clip_by_global_norm(clip), adam) if clip > 0 else adam
+    parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+    return optax.chain(*parts, adam, record_lr(sched))

@@ -68,8 +68,12 @@ def _host(tree: Any) -> dict[str, float]:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains until ``cfg.total_steps``; resumes from the newest checkpoint in ``workdir``."""
-    validate_config(cfg, len(jax.devices()))
+    """Trains until ``cfg.total_steps``; resumes from the newest checkpoint in ``workdir``.
+
+    Returns {"step", "metrics" (the last logged step's), "history" [(step, scalars) of every
+    logged step], "state"}.
+    """
+    validate_config(cfg, len(jax.devices()), jax.process_count())
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg)
@@ -88,7 +92,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("resuming from %s step %d", ckpt.directory, latest)
-        state = ckpt.restore(latest, tr.abstract_state, data)
+        restore_data = cfg.get("data_restore", True)
+        if not restore_data:
+            log.warning("config.data_restore=False: the data iterator starts from its beginning")
+        state = ckpt.restore(latest, tr.abstract_state, data if restore_data else None)
     elif cfg.get("init_from"):
         state = _init_from(cfg.init_from, tr, state)
 
@@ -114,7 +121,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     periodic_eval = PeriodicEval.create(cfg, workdir, writer)
     preemption = Preemption()
     tokens_fn = getattr(objective, "tokens_per_batch", None)
-    t_last, steps_last, tokens_acc, metrics = time.time(), step, 0, {}
+    t_last, steps_last, tokens_acc, metrics, history = time.time(), step, 0, {}, []
 
     with sharding.use_rules(mesh, rules):
         while step < cfg.total_steps:
@@ -132,6 +139,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 host["tokens_per_s"] = tokens_acc / dt * jax.process_count()
                 host["bad_records"] = float(getattr(data, "bad_records", 0))
                 writer.write_scalars(step, host)
+                history.append((step, host))
                 t_last, steps_last, tokens_acc = time.time(), step, 0
                 streak = int(jax.device_get(state["streak"]))
                 if streak >= cfg.max_nonfinite_streak:
@@ -154,7 +162,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.wait()
     ckpt.close()
     writer.flush()
-    return {"step": step, "metrics": _host(metrics) if metrics else {}, "state": state}
+    return {"step": step, "metrics": _host(metrics) if metrics else {}, "history": history,
+            "state": state}
 
 
 _all_finite = jax.jit(train_state.all_finite)
@@ -168,18 +177,47 @@ def _save(ckpt: RunCheckpointer, step: int, state, data, cfg) -> None:
 
 
 def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:
-    """Parameters only (fine-tuning, converted official weights): optimizer state stays fresh."""
+    """Parameters only (fine-tuning, converted official weights): optimizer state stays fresh.
+
+    Group ``g`` loads the checkpoint item ``objective.checkpoint_name(g)`` (else ``g``); groups
+    whose item is absent keep their init (e.g. the VAE's discriminator), but at least one must
+    match, and shapes must match exactly. The EMA starts from the loaded parameters.
+    """
+    from flax import nnx
+
     from lavin_jax import checkpoint as params_ckpt
 
-    loaded, _ = params_ckpt.load_params(path)
+    step, meta = params_ckpt._open(path, None)
+    obj = tr.objective
+    names = {g: obj.checkpoint_name(g) if hasattr(obj, "checkpoint_name") else g
+             for g in obj.groups}
+    found = {g: n for g, n in names.items() if n in meta["items"]}
+    if not found:
+        raise ValueError(f"config.init_from={path!r} holds {meta['items']}, none of the items "
+                         f"this objective's groups load ({names}); point it at a params "
+                         f"checkpoint of this model, or set config.init_from=''")
+    mngr = params_ckpt._manager(path, list(found.values()), read_only=True)
+    saved = mngr.item_metadata(step)
+    mngr.close()
+    flat = lambda t: {tuple(map(str, k)): v
+                      for k, v in nnx.traversals.flatten_mapping(dict(t)).items()}
+    problems = []
+    for g, n in found.items():
+        want, got = flat(tr.abstract_state["params"][g]), flat(saved[n].tree)
+        problems += [f"{n}: missing {'/'.join(k)}" for k in want if k not in got]
+        problems += [f"{n}: unexpected {'/'.join(k)}" for k in got if k not in want]
+        problems += [f"{n}: {'/'.join(k)} has shape {tuple(got[k].shape)}, group "
+                     f"{g!r} needs {tuple(v.shape)}" for k, v in want.items()
+                     if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    if problems:
+        raise ValueError(f"config.init_from={path!r} does not fit the configured model "
+                         f"(check config.model): " + "; ".join(problems[:10]))
+    abstract = {n: tr.abstract_state["params"][g] for g, n in found.items()}
+    loaded, _ = params_ckpt.load_params(path, abstract, step=step)  # restored sharded
     params = dict(state["params"])
-    for g in tr.objective.groups:
-        name = tr.objective.checkpoint_name(g) if hasattr(tr.objective, "checkpoint_name") else g
-        if name in loaded:
-            params[g] = jax.tree.map(
-                lambda new, ref: jax.device_put(np.asarray(new, ref.dtype), ref.sharding),
-                loaded[name], params[g])
-            log.info("init_from %s: loaded %s into group %s", path, name, g)
+    for g, n in found.items():
+        params[g] = loaded[n]
+        log.info("init_from %s: loaded %s into group %s", path, n, g)
     ema = {g: jax.tree.map(lambda x: x.copy(), params[g]) for g in state["ema"]}
     return {**state, "params": params, "ema": ema}
 

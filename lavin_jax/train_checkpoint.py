@@ -19,24 +19,40 @@ from etils import epath
 log = logging.getLogger(__name__)
 
 
+def _state_name() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def check_data_state(directory: epath.Path) -> None:
+    """A clear error when ``directory`` (a checkpoint's ``data`` item) has no iterator state for
+    this process: the checkpoint was written by a different number of processes.
+
+    Each process saves its own pipeline position (its slice of the data), and the slices of N
+    processes do not map onto those of M != N processes, so the position cannot follow.
+    """
+    path = directory / _state_name()
+    if path.exists():
+        return
+    found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    counts = sorted({n.rsplit("-of-", 1)[-1].removesuffix(".json") for n in found
+                     if n.startswith("process_") and "-of-" in n})
+    raise ValueError(
+        f"data-iterator state {path} not found: the checkpoint was written by "
+        f"{' or '.join(counts) or 'an unknown number of'} process(es) ({found}), this run has "
+        f"{jax.process_count()}, and the data position cannot follow a change of process count; "
+        f"resume with the same process count, or set --config.data_restore=False to restore the "
+        f"model and optimizer and restart the data from its beginning")
+
+
 class DataIteratorHandler(ocp.CheckpointHandler):
     """Saves ``iterator.get_state()`` as JSON, one file per process."""
 
     def save(self, directory: epath.Path, args: DataSave) -> None:
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        (directory / name).write_text(json.dumps(args.iterator.get_state()))
+        (directory / _state_name()).write_text(json.dumps(args.iterator.get_state()))
 
     def restore(self, directory: epath.Path, args: DataRestore) -> Any:
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        path = directory / name
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise ValueError(
-                f"data-iterator state {path} not found (have {found}): the checkpoint was "
-                f"written by a different number of processes; resume with the same process "
-                f"count, or start the data from scratch with --config.data_restore=False"
-            )
-        args.iterator.set_state(json.loads(path.read_text()))
+        check_data_state(directory)
+        args.iterator.set_state(json.loads((directory / _state_name()).read_text()))
         return args.iterator
 
     def structure(self, directory: epath.Path) -> Any:
@@ -89,8 +105,10 @@ class RunCheckpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> Any:
+        """The train state of ``step``; ``iterator`` (if given) is set to its saved position."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
+            check_data_state(self.directory / str(step) / "data")  # before reading the state
             items["data"] = DataRestore(iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]

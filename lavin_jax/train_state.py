@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lavin_jax import sharding
+from lavin_jax import optim, sharding
 from lavin_jax.objectives import Objective
 
 
@@ -173,7 +173,12 @@ def _group_grads(tr: Trainable, g: str, state, params, batch, rng, aux):
 
 
 def train_step(tr: Trainable, state: dict[str, Any], batch: Any) -> tuple[dict, dict]:
-    """One update of every group in order; a non-finite loss or gradient skips the whole step."""
+    """One update of every group in order; a non-finite loss or gradient skips the whole step.
+
+    Logs per group ``<group>/loss``, ``<group>/grad_norm``, the objective's logs, and the
+    learning rate used (``lr``; ``lr/<group>`` with several groups) when the optimizer records
+    it (lavin_jax/optim.py).
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     params, opt, aux, logs = dict(state["params"]), dict(state["opt"]), {}, {}
     ok = jnp.array(True)
@@ -187,6 +192,9 @@ def train_step(tr: Trainable, state: dict[str, Any], batch: Any) -> tuple[dict, 
         aux = {**aux, **gaux}
         logs.update({f"{g}/{k}": v for k, v in glogs.items()})
         logs[f"{g}/loss"], logs[f"{g}/grad_norm"] = loss, gnorm
+        lr = optim.current_lr(opt[g])  # the rate this update used (optim.record_lr)
+        if lr is not None:
+            logs["lr" if len(tr.objective.groups) == 1 else f"lr/{g}"] = lr
 
     ema = {g: jax.tree.map(lambda e, p: tr.ema_decay * e + (1 - tr.ema_decay) * p,
                            state["ema"][g], params[g]) for g in tr.ema_groups}

@@ -1,5 +1,6 @@
 """The training job: resume is bit-exact, guards skip non-finite steps, config errors are clear."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tiny_run_config
 
 from configs import lavin_dit
-from lavin_jax import sharding, train, train_state
+from lavin_jax import optim, sharding, train, train_state
 from lavin_jax.data.batches import make_iterator
 from lavin_jax.objectives import get_objective
 from lavin_jax.run_config import ConfigError, validate_config
@@ -22,29 +24,83 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(total_steps: int = 4) -> ml_collections.ConfigDict:
-    cfg = lavin_dit.get_config("demo")
-    cfg.model.update(hidden_size=48, depth=2, num_heads=4, kv_group=2, in_channels=4)
-    cfg.data = ml_collections.ConfigDict(dict(
-        kind="synthetic", global_batch=8, latent_size=8, cond_frames=3, episodes_per_row=2))
-    cfg.total_steps = total_steps
-    cfg.checkpoint_every_steps = 2
-    cfg.log_every_steps = 2
-    cfg.optim.warmup_steps = 0
-    return cfg
+    return tiny_run_config.get_config(str(total_steps))
 
 
 def _params(state):
     return jax.tree.map(np.asarray, jax.device_get(state["params"]))
 
 
-def test_resume_is_bit_exact(tmp_path):
-    full = train.train(tiny_config(4), str(tmp_path / "full"))
-    half = train.train(tiny_config(2), str(tmp_path / "split"))
+def test_resume_is_bit_exact_and_lr_is_logged(tmp_path):
+    def cfg(steps):
+        c = tiny_config(steps)
+        c.optim.warmup_steps = 3  # lr 0, 1e-4, 2e-4, then 3e-4
+        return c
+
+    full_cfg = cfg(4)
+    full_cfg.log_every_steps = 1
+    full = train.train(full_cfg, str(tmp_path / "full"))
+    half = train.train(cfg(2), str(tmp_path / "split"))
     assert half["step"] == 2
-    resumed = train.train(tiny_config(4), str(tmp_path / "split"))
+    resumed = train.train(cfg(4), str(tmp_path / "split"))
     assert resumed["step"] == 4
     jax.tree.map(np.testing.assert_array_equal, _params(full["state"]), _params(resumed["state"]))
     assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["2", "4"]
+    # The rate each step used, logged with the other scalars: schedule(step - 1).
+    sched = optim.schedule(full_cfg.optim)
+    assert [s for s, _ in full["history"]] == [1, 2, 3, 4]
+    for s, logged in full["history"]:
+        assert logged["lr"] == pytest.approx(float(sched(s - 1)), rel=1e-6, abs=1e-12)
+        assert "model/loss" in logged
+    assert [h["lr"] for _, h in full["history"]] == pytest.approx([0, 1e-4, 2e-4, 3e-4])
+    assert [(s, h["lr"]) for s, h in resumed["history"]] == [(4, pytest.approx(3e-4))]
+
+
+class _TwoOptimizers:
+    """Two groups with their own schedules (like the VAE's generator and discriminator)."""
+
+    groups = ("a", "b")
+
+    def build(self, rngs):
+        from flax import nnx
+
+        return {g: nnx.Linear(6, 2, rngs=rngs) for g in self.groups}
+
+    def optimizer(self, group):
+        if group == "a":
+            return optim.make_optimizer(optim.default_config(lr=1e-3, warmup_steps=4))
+        return optim.make_optimizer(optim.default_config(lr=5e-4, schedule="cosine",
+                                                         decay_steps=3))
+
+    def loss(self, group, modules, batch, rng, step, aux):
+        loss = jnp.mean((modules[group](batch["x"]) - batch["y"]) ** 2)
+        return loss, ({}, {})
+
+
+def test_lr_per_optimizer_group():
+    cfg = tiny_config()
+    mesh = sharding.make_mesh(cfg)
+    obj = _TwoOptimizers()
+    tr, state = train_state.create(obj, seed=0, mesh=mesh, rules=cfg.sharding.rules)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((8, 6), np.float32),
+             "y": rng.standard_normal((8, 2), np.float32)}
+    step = jax.jit(lambda s, b: train_state.train_step(tr, s, b))
+    scheds = {"a": optim.schedule(optim.default_config(lr=1e-3, warmup_steps=4)),
+              "b": optim.schedule(optim.default_config(lr=5e-4, schedule="cosine",
+                                                       decay_steps=3))}
+    for i in range(3):
+        state, logs = step(state, batch)
+        assert "lr" not in logs
+        for g in obj.groups:
+            assert float(logs[f"lr/{g}"]) == pytest.approx(float(scheds[g](i)), rel=1e-6), (g, i)
+    assert float(logs["lr/a"]) != float(logs["lr/b"])
+    # The ST-VAE objective's two optimizers come from optim.make_optimizer too: both record it.
+    from configs import stvae
+
+    vae = get_objective("vae", stvae.get_config())
+    for g in vae.groups:
+        assert optim.current_lr(vae.optimizer(g).init({"w": jnp.zeros((2, 2))})) is not None
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -102,23 +158,115 @@ def test_microbatches_equal_full_batch_update():
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
 
 
-def test_config_errors_are_one_line_each():
+def _episodes_config(tmp_path) -> ml_collections.ConfigDict:
+    """A valid demo-like episodes config (mode "render" with the toy encoder: no files)."""
     cfg = tiny_config()
-    cfg.mesh.update(data=3, fsdp=1)
-    cfg.model.hidden_size = 64
-    cfg.data.global_batch = 7
+    cfg.data = lavin_dit.data_config("demo")
+    cfg.data.update(mode="render", vae_checkpoint="toy", global_batch=8,
+                    cache_dir=str(tmp_path / "latents"))
+    return cfg
+
+
+def _problems(cfg, devices: int = 8, processes: int = 1) -> list[str]:
     with pytest.raises(ConfigError) as e:
-        validate_config(cfg, 8)
-    msg = str(e.value)
-    assert "config.mesh" in msg and "head_dim" in msg
-    cfg = tiny_config()
-    cfg.data.global_batch = 6
-    with pytest.raises(ConfigError, match="global_batch=6"):
-        validate_config(cfg, 8)
-    cfg = tiny_config()
+        validate_config(cfg, devices, processes)
+    head, *lines = str(e.value).split("\n")
+    assert head == "invalid config:"
+    return [ln.strip() for ln in lines]
+
+
+def test_config_errors_are_one_line_each(tmp_path):
+    validate_config(_episodes_config(tmp_path), 8)  # the baseline is valid
+    cases = [  # (change, the one line's start, words of the fix)
+        (lambda c: c.data.tasks.update(telepathy=1.0),
+         "config.data.tasks: unknown task 'telepathy'", "depth"),
+        (lambda c: c.data.sources.update(image="imagenet9000/64"),
+         "config.data.sources.image='imagenet9000/64': unknown dataset", "synthetic_scenes"),
+        (lambda c: c.data.update(mode="cache", vae_checkpoint=""),
+         "config.data.cache_dir=", "config.data.vae_checkpoint (empty now)"),
+        (lambda c: c.data.update(mode="online", vae_checkpoint=""),
+         "config.data.mode='online' encodes with config.data.vae_checkpoint", "ST-VAE"),
+        (lambda c: c.mesh.update(data=3, fsdp=1), "config.mesh", "make the product match"),
+        (lambda c: c.data.update(global_batch=6), "config.data.global_batch=6",
+         "change the batch or the mesh"),
+        (lambda c: c.update(init_from=str(tmp_path / "nowhere")), "config.init_from=",
+         "does not exist"),
+        (lambda c: c.data.task_options.update(depth={"colour": 1}),
+         "config.data.task_options.depth", "unknown option"),
+    ]
+    for change, start, fix in cases:
+        cfg = _episodes_config(tmp_path)
+        change(cfg)
+        lines = _problems(cfg)
+        assert len(lines) == 1 and lines[0].startswith(start) and fix in lines[0], lines
+    # Several problems: every line in one error, before anything is built or compiled.
+    cfg = _episodes_config(tmp_path)
+    for change, _, _ in cases[:3] + cases[5:7]:
+        change(cfg)
     cfg.objective.name = "gan"
-    with pytest.raises(ConfigError, match="objective.name"):
-        validate_config(cfg, 8)
+    lines = _problems(cfg)
+    assert len(lines) == 6, lines
+    assert any(ln.startswith("config.objective.name='gan'") for ln in lines)
+    with pytest.raises(ConfigError):
+        train.train(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    # Global batch vs processes, and the model's own checks.
+    cfg = tiny_config()
+    cfg.model.hidden_size = 64
+    assert any("head_dim" in ln for ln in _problems(cfg))
+    cfg = tiny_config()
+    assert _problems(cfg, 8, 3)[0].startswith("config.data.global_batch=8 must be a multiple of "
+                                              "the 3 processes")
+
+
+def test_config_cache_mode_checks_the_cache(tmp_path):
+    cfg = _episodes_config(tmp_path)
+    cfg.data.update(mode="cache", vae_checkpoint="")
+    cache = tmp_path / "latents"
+    cache.mkdir()
+    (cache / "latents-00000-of-00001.array_record").write_bytes(b"")
+    validate_config(cfg, 8)  # a cache is there: no encoder needed
+    (cache / "cache.json").write_text(json.dumps({"tasks": ["depth"]}))
+    (line,) = _problems(cfg)
+    assert line.startswith("config.data.tasks=") and "re-run the cache job" in line
+    cfg.data.cache_dir = ""
+    (line,) = _problems(cfg)
+    assert line.startswith("config.data.cache_dir is empty")
+
+
+def test_init_from_loads_params_only(tmp_path):
+    from lavin_jax import checkpoint
+
+    cfg = tiny_config()
+    mesh = sharding.make_mesh(cfg)
+    obj = get_objective("flow", cfg)
+    tr, state = train_state.create(obj, seed=0, mesh=mesh, rules=cfg.sharding.rules,
+                                   ema_decay=0.9)
+    _, other = train_state.create(obj, seed=1, mesh=mesh, rules=cfg.sharding.rules)
+    saved = jax.tree.map(np.asarray, jax.device_get(other["params"]["model"]))
+    checkpoint.save_params(tmp_path / "p", {"jdit": saved})
+    before = jax.tree.map(np.asarray, jax.device_get({k: state[k] for k in ("opt", "step")}))
+    new = train._init_from(str(tmp_path / "p"), tr, state)
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, saved,
+                                                _params(state)["model"])))  # seeds differ
+    jax.tree.map(np.testing.assert_array_equal, saved, _params(new)["model"])
+    jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(new["ema"]["model"]))
+    jax.tree.map(np.testing.assert_array_equal, before["opt"], jax.device_get(new["opt"]))
+    assert int(new["step"]) == 0
+    jax.tree.map(lambda a, b: a.sharding == b.sharding or pytest.fail("sharding"),
+                 new["params"], state["params"])
+
+    # Through the binary's entry: lr 0 keeps the loaded values through a step.
+    cfg.init_from, cfg.total_steps, cfg.optim.lr = str(tmp_path / "p"), 1, 0.0
+    out = train.train(cfg, str(tmp_path / "run"))
+    jax.tree.map(np.testing.assert_array_equal, saved, _params(out["state"])["model"])
+
+    checkpoint.save_params(tmp_path / "vae", {"stvae": {"w": np.zeros(3, np.float32)}})
+    with pytest.raises(ValueError, match=r"config.init_from=.* holds \['stvae'\], none of"):
+        train._init_from(str(tmp_path / "vae"), tr, state)
+    checkpoint.save_params(tmp_path / "bad", {"jdit": {**saved, "extra": np.zeros(3)}})
+    with pytest.raises(ValueError, match=r"does not fit .*unexpected extra"):
+        train._init_from(str(tmp_path / "bad"), tr, state)
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ from lavin_jax import packing
 
 
 class SyntheticBatches:
-    """Random batches keyed by (seed, process, index): exactly reproducible from the state."""
+    """Random batches, row ``i`` of batch ``index`` keyed by (seed, index, i): exactly
+    reproducible from the state, and the global batch is the same for any process count
+    (process ``p`` yields global rows ``p * rows ... (p + 1) * rows - 1``)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, make_batch):
         self.seed = int(cfg.data.get("seed", cfg.seed))
@@ -33,9 +35,11 @@ class SyntheticBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng((self.seed, jax.process_index(), self.index))
+        first = jax.process_index() * self.rows
+        rows = [self.make_batch(np.random.default_rng((self.seed, self.index, first + i)), 1)
+                for i in range(self.rows)]
         self.index += 1
-        return self.make_batch(rng, self.rows)
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
     def get_state(self) -> dict:
         return {"index": self.index}
