@@ -29,6 +29,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     cfg.log_every_steps = 50 if arg == "demo" else 100
     cfg.checkpoint_every_steps = 500 if arg == "demo" else 2000
     cfg.eval_every_steps = 1000 if arg == "demo" else 10_000
+    cfg.sample_every_steps = 100 if arg == "demo" else 5000  # sample grids (0 = none)
 
     cfg.model = ml_collections.ConfigDict(dict(
         name="jdit",

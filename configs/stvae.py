@@ -30,6 +30,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     cfg.log_every_steps = 50 if demo else 100
     cfg.checkpoint_every_steps = 500 if demo else 5000
     cfg.eval_every_steps = 1000 if demo else 10_000
+    cfg.sample_every_steps = 100 if demo else 5000  # reconstruction grids (0 = none)
 
     cfg.model = ml_collections.ConfigDict(dict(
         name="stvae",

@@ -16,18 +16,27 @@ with optax (the pattern the trainer follows).
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
 from lavin_jax import optim
 from lavin_jax.models.discriminator import DiscConfig, Discriminator
+from lavin_jax.objectives import preview
 from lavin_jax.objectives.perceptual import FeatureNet
+
+log = logging.getLogger(__name__)
+
+VIS_CLIPS = 4  # clips (rows) per grid
+VIS_FRAMES = 4  # frames shown per clip (the first ones)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -207,6 +216,38 @@ class VAEObjective:
         logs = {"loss": loss, "d_loss": d, "logits_real": mean_of(real),
                 "logits_fake": mean_of(fake_l), "disc_factor": on}
         return loss, (logs, {})
+
+    def visualize(self, modules: dict[str, nnx.Module], batch: dict[str, Any], step: int
+                  ) -> np.ndarray:
+        """uint8 [H, W, 3]: a row per clip (up to VIS_CLIPS of process 0's batch): its first
+        VIS_FRAMES input frames | their reconstructions (posterior mean, decoded). Never
+        raises: a failure is logged and a placeholder returned."""
+        try:
+            return self._visualize(modules["vae"], batch)
+        except Exception:  # noqa: BLE001 - a preview must never stop a training run
+            log.exception("step %d: the reconstruction grid failed; training continues", step)
+            return preview.PLACEHOLDER
+
+    def _visualize(self, vae: nnx.Module, batch: dict[str, Any]) -> np.ndarray:
+        x = preview.first_rows({"x": batch[self.ocfg.input_key]}, VIS_CLIPS)["x"]
+        mesh = preview.module_mesh(vae)
+        graphdef, state = nnx.split(vae)
+        rec = np.asarray(_reconstruct(graphdef, state, preview.replicate(x, mesh),
+                                      out_sharding=preview.replicated(mesh)))
+        if jax.process_index() != 0:
+            return preview.PLACEHOLDER
+        x, rec = preview.to_uint8(x[:, :VIS_FRAMES]), preview.to_uint8(rec[:, :VIS_FRAMES])
+        return preview.grid([list(a) + list(b) for a, b in zip(x, rec)])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_sharding"))
+def _reconstruct(graphdef, state, x, *, out_sharding):
+    """The posterior mean decoded: x [B, T, H, W, 3] in [-1, 1] -> its reconstruction."""
+    vae = nnx.merge(graphdef, state)
+    out = vae.decode(vae.posterior(x.astype(jnp.float32)).mode())
+    if out_sharding is not None:
+        out = jax.lax.with_sharding_constraint(out, out_sharding)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
