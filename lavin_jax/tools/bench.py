@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "jdit": "lavin_jax.tools.bench_jdit",
     "stvae": "lavin_jax.tools.bench_stvae",
     "pipeline": "lavin_jax.tools.bench_pipeline",
+    "train": "lavin_jax.tools.bench_train",
 }
 
 

@@ -1,0 +1,286 @@
+"""Train-step benchmark: the trainer's real jitted step, its throughput and the checkpoint stall.
+
+  python -m lavin_jax.tools.bench train --config configs/lavin_dit.py:demo [--steps 10] \
+      [--data synthetic|config] [--config.KEY=VALUE ...]
+
+Runs lavin_jax/train.py's machinery, not a copy: train_state.create (sharded state),
+train_state.jit_train_step (donated state), the data iterator of data/batches.py,
+sharding.shard_batch per step, train.RunCheckpointer and train._save (finiteness check, then an
+Orbax save, async when ``config.async_checkpointing``). ``--data synthetic`` (default) feeds
+random batches of the config's shapes (``data.kind = "synthetic"``: packed rows as close to
+``data.cond_len`` x ``data.target_len`` as whole frames allow; ``--frames``-frame clips for
+the ST-VAE); ``--data config`` uses the config's own data.
+
+Figures:
+- ``steps_per_s`` / ``tokens_per_s``: ``--steps`` steps dispatched back to back as the loop
+  does (next batch read while the step runs), from the first dispatch to the last result.
+  Tokens: real J-DiT tokens of both streams (objective.tokens_per_batch); for the ST-VAE,
+  latent positions (T' x h x w per clip).
+- checkpoint stall: per-step times with each step waited for, first without a save (baseline
+  median ``step_s``), then right after a save was issued, until the async write finished.
+  ``checkpoint_stall_s`` = the save call's own time + the extra time of the steps overlapping
+  the write; ``checkpoint_stall_fraction`` = that / (overlapping steps x step_s), i.e. how much
+  slower training runs while a save is in flight (goal <= 5%); ``checkpoint_stall_steps`` =
+  stall / step_s (steps lost per save). Median over ``--saves`` saves, after one untimed save
+  (``checkpoint_first_save_call_s``: it compiles the finiteness check and sets Orbax up).
+A human summary comes first, then one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lavin_jax import sharding, train, train_state
+from lavin_jax.data.batches import make_iterator
+from lavin_jax.objectives import get_objective
+from lavin_jax.run_config import validate_config
+from lavin_jax.tools.bench_jdit import load_config
+from lavin_jax.train_checkpoint import RunCheckpointer
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    p = argparse.ArgumentParser(
+        prog="bench train", description=__doc__.splitlines()[0],
+        epilog="--config.KEY=VALUE overrides any config key (Python literals, else strings).")
+    p.add_argument("--config", default="configs/lavin_dit.py:demo", help="FILE:VARIANT")
+    p.add_argument("--data", choices=("synthetic", "config"), default="synthetic")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (throughput)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
+    p.add_argument("--baseline_steps", type=int, default=5, help="waited-for steps, no save")
+    p.add_argument("--saves", type=int, default=2, help="checkpoint saves timed")
+    p.add_argument("--max_overlap", type=int, default=50, help="steps timed after a save, at most")
+    p.add_argument("--latent_size", type=int, default=None,
+                   help="synthetic J-DiT latent side (default: data.resolutions[0] / VAE 4x or 8x)")
+    p.add_argument("--frames", type=int, default=1, help="synthetic ST-VAE clip frames")
+    p.add_argument("--workdir", default="", help="checkpoint folder (default: a temporary one)")
+    args, rest = p.parse_known_args(argv)
+    overrides = []
+    for a in rest:
+        if not a.startswith("--config.") or "=" not in a:
+            p.error(f"unrecognized argument {a!r} (overrides are --config.KEY=VALUE)")
+        key, _, value = a[len("--config."):].partition("=")
+        overrides.append((key, value))
+    return args, overrides
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+    for key, text in overrides:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            if name not in node:
+                raise SystemExit(f"--config.{key}: the config has no block {name!r}")
+            node = node[name]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(node.get(leaf), float) and isinstance(value, int):
+            value = float(value)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise SystemExit(f"--config.{key}={text}: {e}") from None
+
+
+def _spatial_compression(cfg: ml_collections.ConfigDict) -> int:
+    """The configured ST-VAE's, else 4 for the demo's 8 latent channels, else 8 (the release)."""
+    path = str(cfg.data.get("vae_checkpoint", "") or "")
+    if path and path != "toy":
+        try:
+            from lavin_jax import checkpoint
+            from lavin_jax.models.stvae import STVAEConfig
+
+            meta = checkpoint.load_metadata(path)["configs"]["stvae"]
+            return STVAEConfig.from_config(meta).spatial_compression
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+    return 4 if int(cfg.model.in_channels) == 8 else 8
+
+
+def synthetic_data(cfg: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
+    """Replaces ``cfg.data`` by a synthetic block of the same batch and (nearly) row shapes."""
+    d = cfg.data
+    new: dict[str, Any] = dict(kind="synthetic", global_batch=int(d.global_batch),
+                               seed=int(d.get("seed", 0)))
+    if cfg.objective.name == "vae":
+        new.update(image_size=int(d.image_size), frames=args.frames)
+    else:
+        res = d.get("resolutions", [256])[0]
+        side = res if isinstance(res, int) else int(res[0])
+        latent = args.latent_size or side // _spatial_compression(cfg)
+        tpf = (latent // int(cfg.model.patch_size)) ** 2
+        per_row = max(1, int(d.target_len) // tpf)  # one target frame per episode
+        new.update(latent_size=latent, episodes_per_row=per_row,
+                   cond_frames=max(1, int(d.cond_len) // (per_row * tpf)))
+    cfg.data = ml_collections.ConfigDict(new)
+
+
+def _tokens_fn(objective, cfg):
+    fn = getattr(objective, "tokens_per_batch", None)
+    if fn is not None:
+        return fn, "real J-DiT tokens (cond + target streams)"
+    from lavin_jax.models.stvae import STVAEConfig
+
+    shape = STVAEConfig.from_config(cfg.model).latent_shape
+    key = objective.ocfg.input_key
+
+    def latent_positions(batch):
+        b, t, h, w, _ = np.shape(batch[key])
+        lt, lh, lw, _ = shape(t, h, w)
+        return b * lt * lh * lw
+
+    return latent_positions, "ST-VAE latent positions (T' x h x w per clip)"
+
+
+class Runner:
+    """The train loop's step, factored for timing (same calls, same order)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+        self.mesh = sharding.make_mesh(cfg)
+        self.rules = cfg.sharding.rules
+        self.objective = get_objective(cfg.objective.name, cfg)
+        self.tr, self.state = train_state.create(
+            self.objective, seed=cfg.seed, mesh=self.mesh, rules=self.rules,
+            ema_decay=cfg.ema_decay, microbatches=cfg.microbatches)
+        self.data = make_iterator(cfg, self.objective)
+        self.batch = next(self.data)
+        shardings = jax.tree.map(
+            lambda x: sharding.batch_sharding(self.mesh, self.rules, np.ndim(x)), self.batch)
+        self.step_fn = train_state.jit_train_step(self.tr, shardings)
+        self.tokens_fn, self.tokens_what = _tokens_fn(self.objective, cfg)
+        self.step = 0
+
+    def run(self) -> int:
+        """One step: dispatch, then read the next batch while it runs. Returns its tokens."""
+        with sharding.use_rules(self.mesh, self.rules):
+            gb = sharding.shard_batch(self.batch, self.mesh, self.rules)
+            self.state, self.metrics = self.step_fn(self.state, gb)
+        tokens = self.tokens_fn(self.batch)
+        self.step += 1
+        self.batch = next(self.data)
+        return tokens
+
+    def waited(self) -> float:
+        t0 = time.perf_counter()
+        self.run()
+        jax.block_until_ready(self.state)
+        return time.perf_counter() - t0
+
+
+def time_saves(r: Runner, ckpt: RunCheckpointer, base: float, saves: int, max_overlap: int
+               ) -> list[dict[str, float]]:
+    out = []
+    t0 = time.perf_counter()  # the first save compiles the finiteness check and sets Orbax up
+    train._save(ckpt, r.step, r.state, r.data, r.cfg)
+    first = time.perf_counter() - t0
+    ckpt.wait()
+    r.waited()
+    t0 = time.perf_counter()
+    bool(jax.device_get(train._all_finite(r.state["params"])))
+    check = time.perf_counter() - t0
+    for _ in range(saves):
+        t0 = time.perf_counter()
+        train._save(ckpt, r.step, r.state, r.data, r.cfg)
+        call = time.perf_counter() - t0
+        steps = []
+        while not steps or (ckpt.manager.is_saving_in_progress() and len(steps) < max_overlap):
+            steps.append(r.waited())
+        written = time.perf_counter() - t0
+        ckpt.wait()
+        stall = call + sum(steps) - len(steps) * base
+        out.append(dict(save_call_s=call, write_s=written, overlap_steps=len(steps),
+                        stall_s=stall, stall_fraction=stall / (len(steps) * base),
+                        first_save_call_s=first, finite_check_s=check))
+        for _ in range(2):  # let the machine settle before the next save
+            r.waited()
+    return out
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    args, overrides = parse_args(argv[1:])
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    cfg = load_config(args.config)
+    apply_overrides(cfg, overrides)
+    if args.data == "synthetic":
+        synthetic_data(cfg, args)
+    validate_config(cfg, len(jax.devices()))
+
+    t0 = time.perf_counter()
+    r = Runner(cfg)
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r.waited()  # compiles
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        r.waited()
+
+    tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        tokens += r.run()
+    jax.block_until_ready(r.state)
+    dt = time.perf_counter() - t0
+    loss = {k: float(v) for k, v in jax.device_get(r.metrics).items() if k.endswith("/loss")}
+
+    base = statistics.median(r.waited() for _ in range(args.baseline_steps))
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
+    ckpt = RunCheckpointer(workdir, max_to_keep=2, async_save=cfg.async_checkpointing)
+    try:
+        saves = time_saves(r, ckpt, base, args.saves, args.max_overlap)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    med = lambda k: statistics.median(s[k] for s in saves)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.state["params"]))
+    b = r.batch
+    result = dict(
+        config=args.config, overrides=[f"{k}={v}" for k, v in overrides], data_kind=args.data,
+        objective=cfg.objective.name, params=n_params, global_batch=int(cfg.data.global_batch),
+        batch_shapes={k: list(np.shape(v)) for k, v in b.items()},
+        devices=len(jax.devices()), device=jax.devices()[0].device_kind, jax=jax.__version__,
+        setup_s=round(setup_s, 2), compile_s=round(compile_s, 2), steps=args.steps,
+        steps_per_s=args.steps / dt, tokens_per_s=tokens * jax.process_count() / dt,
+        tokens_what=r.tokens_what, step_s=round(base, 4), loss=loss,
+        async_checkpointing=bool(cfg.async_checkpointing), saves=len(saves),
+        checkpoint_first_save_call_s=round(saves[0]["first_save_call_s"], 4),
+        checkpoint_finite_check_s=round(saves[0]["finite_check_s"], 4),
+        checkpoint_save_call_s=round(med("save_call_s"), 4),
+        checkpoint_write_s=round(med("write_s"), 4),
+        checkpoint_overlap_steps=med("overlap_steps"),
+        checkpoint_stall_s=round(med("stall_s"), 4),
+        checkpoint_stall_fraction=round(med("stall_fraction"), 4),
+        checkpoint_stall_steps=round(med("stall_s") / base, 3),
+    )
+    print(f"train step ({cfg.objective.name}, {args.config}, {args.data} data, "
+          f"{n_params / 1e6:.2f}M params, batch {result['global_batch']}): "
+          f"{result['steps_per_s']:.3f} steps/s, {result['tokens_per_s']:.0f} tokens/s, "
+          f"compile {compile_s:.1f} s")
+    print(f"  checkpoint: save call {result['checkpoint_save_call_s']:.3f} s, written after "
+          f"{result['checkpoint_write_s']:.2f} s over {result['checkpoint_overlap_steps']} "
+          f"step(s); stall {result['checkpoint_stall_s']:.3f} s = "
+          f"{result['checkpoint_stall_fraction']:.1%} of the overlapping steps "
+          f"({result['checkpoint_stall_steps']:.2f} steps)")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv)

@@ -1,0 +1,66 @@
+"""bench train: the real train step's throughput and checkpoint stall, one JSON line."""
+
+import json
+
+import pytest
+
+from configs import lavin_dit
+from lavin_jax.tools import bench_train
+
+TINY_JDIT = ["--config.model.hidden_size=48", "--config.model.depth=2",
+             "--config.model.num_heads=4", "--config.model.kv_group=2",
+             "--config.data.global_batch=8", "--config.data.cond_len=128",
+             "--config.data.target_len=32", "--latent_size=8"]
+TINY_VAE = ["--config.model.block_out_channels=(8, 16)", "--config.model.latent_channels=4",
+            "--config.model.norm_num_groups=4", "--config.model.spatial_norm_groups=4",
+            "--config.model.temporal_compression_ratio=2", "--config.model.tile_sample_size=16",
+            "--config.model.tile_sample_frames=3", "--config.objective.disc.channels=8",
+            "--config.objective.disc.n_layers=2",
+            "--config.data.global_batch=8", "--config.data.image_size=16"]
+QUICK = ["--steps", "2", "--warmup", "0", "--baseline_steps", "2", "--saves", "1"]
+KEYS = ("steps_per_s", "tokens_per_s", "step_s", "checkpoint_save_call_s",
+        "checkpoint_write_s", "checkpoint_overlap_steps")
+
+
+def _run(argv, capsys) -> dict:
+    result = bench_train.main(["bench"] + argv)
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    for k in KEYS:
+        assert last[k] > 0, k
+    assert isinstance(last["checkpoint_stall_fraction"], float)  # noise may make it < 0
+    assert last["data_kind"] == "synthetic"
+    return last
+
+
+def test_jdit_tiny_config(capsys):
+    out = _run(["--config", "configs/lavin_dit.py:demo"] + QUICK + TINY_JDIT, capsys)
+    # rows: 8x8 latents / patch 2 = 16 tokens a frame; Lx 32 -> 2 episodes of 4 + 1 frames
+    assert out["batch_shapes"]["cond"] == [8, 128, 32] and out["batch_shapes"]["x"] == [8, 32, 32]
+    assert out["tokens_per_s"] == pytest.approx(out["steps_per_s"] * 8 * (128 + 32))
+    assert out["objective"] == "flow" and "model/loss" in out["loss"]
+
+
+@pytest.mark.slow
+def test_stvae_tiny_config(capsys):
+    out = _run(["--config", "configs/stvae.py:demo", "--frames", "3"] + QUICK + TINY_VAE, capsys)
+    assert out["batch_shapes"]["video"] == [8, 3, 16, 16, 3]
+    # latent positions: 3 frames -> 2 (2x temporal), 16 px -> 8 (2x spatial)
+    assert out["tokens_per_s"] == pytest.approx(out["steps_per_s"] * 8 * 2 * 8 * 8)
+
+
+def test_overrides_and_synthetic_rows():
+    args, over = bench_train.parse_args(["--config.data.global_batch=8",
+                                         "--config.optim.lr=1", "--config.data.mode=cache"])
+    cfg = lavin_dit.get_config("demo")
+    bench_train.apply_overrides(cfg, over)
+    assert cfg.data.global_batch == 8 and cfg.optim.lr == 1.0 and cfg.data.mode == "cache"
+    bench_train.synthetic_data(cfg, args)
+    d = cfg.data
+    tpf = (d.latent_size // cfg.model.patch_size) ** 2
+    assert d.kind == "synthetic" and d.global_batch == 8 and d.latent_size == 16
+    assert d.episodes_per_row * tpf <= 192 and d.episodes_per_row * d.cond_frames * tpf <= 1536
+    with pytest.raises(SystemExit, match="no block 'nope'"):
+        bench_train.apply_overrides(cfg, [("nope.x", "1")])
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--bogus=1"])
