@@ -42,7 +42,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         attention_backend="xla",  # xla | cudnn | splash
         remat_policy="none" if arg in ("demo", "bench") else "full",
         # CPU: unrolled layers run ~30% faster than the scan (no stacked residual buffers)
-        scan_layers=arg != "bench",
+        scan_layers=arg not in ("demo", "bench"),
         param_dtype="float32",
         dtype="float32" if arg in ("demo", "bench") else "bfloat16",
     ))
@@ -53,9 +53,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     ))
     cfg.objective.name = "flow"
     cfg.optim = optim.default_config(
-        lr=3e-4 if arg == "demo" else 1e-4, warmup_steps=100 if arg == "demo" else 2000,
+        lr=5e-4 if arg == "demo" else 1e-4, warmup_steps=50 if arg == "demo" else 2000,
         weight_decay=0.0, schedule="constant", grad_clip=1.0)
-    cfg.ema_decay = 0.999 if arg == "demo" else 0.9999
+    cfg.ema_decay = 0.99 if arg == "demo" else 0.9999  # demo: a few hundred steps
     cfg.sample = ml_collections.ConfigDict(dict(
         num_steps=20, grid="official", method="euler", cfg_scale=1.5, shift=1.0,
     ))
@@ -76,6 +76,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 IMAGE_TASKS = ("depth", "normals", "panoptic", "detection", "pose", "edges", "colorization",
                "inpainting", "gaussian_deblur", "motion_deblur", "deraining", "denoising",
                "low_light", "depth_to_image", "normal_to_image", "pose_to_image")
+# The demo mixture (a 4-layer J-DiT, minutes on a CPU): dense maps, structure outputs and two
+# restorations. Colorization, the deblurs and denoising are left out: their copy-the-input
+# baselines are near what the demo ST-VAE's own reconstruction reaches at 64 px.
+DEMO_TASKS = ("depth", "normals", "edges", "panoptic", "detection", "pose", "inpainting",
+              "low_light")
 VIDEO_TASKS = ("frame_prediction", "video_depth", "video_normals", "optical_flow",
                "video_segmentation", "depth_to_video", "normal_to_video")
 
@@ -83,7 +88,7 @@ VIDEO_TASKS = ("frame_prediction", "video_depth", "video_normals", "optical_flow
 def data_config(arg: str) -> ml_collections.ConfigDict:
     demo = arg == "demo"
     res = 64 if demo else 256
-    tasks = {t: 1.0 for t in IMAGE_TASKS[:10]} if demo else {
+    tasks = {t: 1.0 for t in DEMO_TASKS} if demo else {
         **{t: 1.0 for t in IMAGE_TASKS}, **{t: 0.5 for t in VIDEO_TASKS}}
     return ml_collections.ConfigDict(dict(
         kind="episodes",  # lavin_jax/data/batches.py -> lavin_jax/data/pipeline.py
@@ -98,18 +103,19 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         # Tasks kept out of training, evaluated given only as context (as the paper's).
         held_out_tasks=["foreground", "single_detection"],
         task_options={},  # {task: {option: value}}
-        pairs=[1.0] * 8,  # weights of N = 1..8 context pairs
+        # weights of N = 1..8 context pairs (demo: 1-3, short rows train faster on a CPU)
+        pairs=[1.0] * 3 if demo else [1.0] * 8,
         # Square pixel sizes (or [h, w]); rows mix resolutions. Demo: 64 px = 16x16 latents =
         # 64 tokens/frame with the demo VAE (4x) and patch 2; 48 px = 36 tokens/frame.
         resolutions=[64, 48] if demo else [256, 192],
         resolution_weights=[1.0, 1.0],
         # Packed rows: Lc cond + Lx target tokens, <= max_segments episodes. Lx is chosen from the
         # mixture for this Lc (`python -m lavin_jax.tools.bench pipeline` prints the best).
-        cond_len=1536 if demo else 10240,
-        target_len=192 if demo else 1168,
+        cond_len=512 if demo else 10240,  # demo: short rows, less masked-out attention
+        target_len=112 if demo else 1168,
         max_segments=16 if demo else 48,
         lookahead=64,  # episodes the packer looks ahead
-        global_batch=4 if demo else 256,  # packed rows per step, all processes
+        global_batch=8 if demo else 256,  # packed rows per step, all processes
         seed=0,  # episodes, cache shuffling, context dropout (cfg.flow.context_dropout)
         read_threads=2,  # map threads per process
         workers=0,  # Grain worker processes per process (mp_prefetch); 0 = in-process

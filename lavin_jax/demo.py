@@ -8,8 +8,9 @@
    (WORKDIR/stvae_params);
 4. cache latents of task episodes (WORKDIR/latents);
 5. train the demo J-DiT on the multi-task mixture (WORKDIR/jdit, flow objective);
-6. write a final sample grid (WORKDIR/samples.png: query | prediction | truth | context pairs)
-   and WORKDIR/demo_summary.json with the loss figures.
+6. write a final sample grid (WORKDIR/samples.png: query | prediction | truth | context pairs);
+7. evaluate every demo task against its trivial baseline and measure task identification
+   (lavin_jax/evaluate.py), print the table, and write WORKDIR/demo_summary.json.
 Every stage resumes: rerunning the command continues where it stopped.
 """
 
@@ -89,26 +90,31 @@ def run(args) -> dict:
     data_dir = wd / "data"
     summary: dict = {"workdir": str(wd), "seconds": {}}
 
-    t = stage("1/6 prepare the embedded synthetic scenes")
+    t = stage("1/7 prepare the embedded synthetic scenes")
     for config in ("64", "clips5_64"):
         prepare.ensure_prepared("synthetic_scenes", str(data_dir), config)
     summary["seconds"]["prepare"] = time.time() - t
 
-    t = stage("2/6 train the demo ST-VAE")
+    t = stage("2/7 train the demo ST-VAE")
     vcfg = stvae.get_config("demo")
     vcfg.data.data_dir = str(data_dir)
+    # The demo J-DiT mixture has image tasks only: train the VAE on images (clips train the
+    # same model through `python -m lavin_jax.train --config=configs/stvae.py:demo`).
+    vcfg.data.sources = [s for s in vcfg.data.sources if not s["config"].startswith("clips")]
     vcfg.total_steps = args.vae_steps
     vcfg.checkpoint_every_steps = max(1, args.vae_steps // 2)
-    vcfg.objective.disc_start = max(1, int(args.vae_steps * 0.6))
+    vcfg.objective.optim_vae.lr = args.vae_lr
+    vcfg.objective.optim_vae.warmup_steps = min(50, args.vae_steps // 10)
+    vcfg.objective.disc_start = max(1, int(args.vae_steps * 0.8))
     train.train(vcfg, str(wd / "stvae"))
     summary["seconds"]["stvae"] = time.time() - t
 
-    t = stage("3/6 export the ST-VAE with its measured latent normalisation")
+    t = stage("3/7 export the ST-VAE with its measured latent normalisation")
     summary["stvae"] = export_vae(wd / "stvae", vcfg, wd / "stvae_params")
     summary["stvae"]["rec_l1"] = loss_figures(wd / "stvae", "vae/rec_l1")
     summary["seconds"]["export"] = time.time() - t
 
-    t = stage("4/6 cache latents of task episodes")
+    t = stage("4/7 cache latents of task episodes")
     jcfg = lavin_dit.get_config("demo")
     jcfg.data.data_dir = str(data_dir)
     jcfg.data.vae_checkpoint = str(wd / "stvae_params")
@@ -123,7 +129,7 @@ def run(args) -> dict:
                            process_count=jax.process_count())
     summary["seconds"]["cache"] = time.time() - t
 
-    t = stage("5/6 train the demo J-DiT on the multi-task mixture")
+    t = stage("5/7 train the demo J-DiT on the multi-task mixture")
     jcfg.total_steps = args.jdit_steps
     jcfg.checkpoint_every_steps = max(1, args.jdit_steps // 2)
     jcfg.log_every_steps = max(1, min(jcfg.log_every_steps, args.jdit_steps // 10))
@@ -131,11 +137,35 @@ def run(args) -> dict:
     summary["jdit"] = {"loss": loss_figures(wd / "jdit", "model/loss")}
     summary["seconds"]["jdit"] = time.time() - t
 
-    t = stage("6/6 final sample grid")
+    t = stage("6/7 final sample grid")
     summary["samples"] = final_grid(wd, jcfg)
     summary["seconds"]["samples"] = time.time() - t
+
+    t = stage("7/7 evaluate every demo task and task identification")
+    summary.update(evaluate_demo(wd, jcfg, args))
+    summary["seconds"]["eval"] = time.time() - t
     (wd / "demo_summary.json").write_text(json.dumps(summary, indent=1, default=float))
     return summary
+
+
+def evaluate_demo(wd: Path, jcfg, args) -> dict:
+    """Per task {task, metric, value, baseline, higher_is_better, ...} + task identification."""
+    from lavin_jax import eval_incontext, evaluate
+
+    run = str(wd / "jdit")
+    models = evaluate.load_run_models(run, None, jcfg.data.vae_checkpoint)
+    flags = {"num_examples": args.eval_examples, "num_pairs": args.eval_pairs}
+    rows = evaluate.demo_table(jcfg, run, models=models, flags=flags)
+    ti = eval_incontext.run_task_identification(
+        jcfg, run, models=models, flags={**flags, "num_examples": args.ti_examples})
+    log.info("demo tasks vs trivial baselines:\n%s", evaluate.format_table(rows))
+    log.info("task identification: accuracy %.3f\n%s", ti["accuracy"],
+             eval_incontext.format_confusion(ti))
+    print(evaluate.format_table(rows))
+    print(f"task identification accuracy: {ti['accuracy']:.3f} "
+          f"({len(ti.get('tasks', []))} tasks)")
+    return {"tasks": rows, "task_identification_accuracy": ti["accuracy"],
+            "task_identification": {k: ti[k] for k in ("tasks", "confusion") if k in ti}}
 
 
 def final_grid(wd: Path, jcfg) -> str:
@@ -180,12 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae_steps", type=int, default=400)
     p.add_argument("--cache_episodes", type=int, default=256)
     p.add_argument("--jdit_steps", type=int, default=300)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--eval_examples", type=int, default=16, help="eval episodes per task")
+    p.add_argument("--eval_pairs", type=int, default=2, help="context pairs in eval episodes")
+    p.add_argument("--ti_examples", type=int, default=12, help="task-identification queries")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     summary = run(args)
-    print(json.dumps({k: summary[k] for k in ("stvae", "jdit", "seconds")}, default=float))
+    print(json.dumps({k: summary[k] for k in ("stvae", "jdit", "seconds",
+                                              "task_identification_accuracy")}, default=float))
     return 0
 
 

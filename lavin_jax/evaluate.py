@@ -258,8 +258,11 @@ def demo_table(cfg: ml_collections.ConfigDict, workdir: str, tasks: Sequence[str
 
 
 def table_row(rep: Mapping[str, Any]) -> dict[str, Any]:
-    """A report's main metric as a demo-table row."""
+    """A report's main metric as a demo-table row; when it has no value (FID without the
+    user's network weights) the first metric that has one stands in."""
     m = rep["main_metric"]
+    if rep["metrics"].get(m) is None:
+        m = next((k for k, v in rep["metrics"].items() if v is not None), m)
     v, b, hib = rep["metrics"][m], rep["baseline"][m], rep["higher_is_better"][m]
     beats = None if v is None or b is None else bool(v > b if hib else v < b)
     return {"task": rep["task"], "metric": m, "value": v, "baseline": b, "higher_is_better": hib,

@@ -174,3 +174,16 @@ def test_cli_reports_a_missing_run_clearly(tmp_path, capsys):
     assert rc == 2 and "no checkpoints/ folder" in capsys.readouterr().err
     assert evaluate._option("edge_thresholds=33") == ("edge_thresholds", 33)
     assert evaluate._option("depth_align=scale") == ("depth_align", "scale")
+
+
+def test_table_row_falls_back_when_the_main_metric_has_no_value():
+    from lavin_jax.evaluate import table_row
+
+    rep = {"task": "inpainting", "main_metric": "fid", "settings": {},
+           "metrics": {"fid": None, "psnr": 21.0, "ssim": 0.7},
+           "baseline": {"fid": None, "psnr": 17.0, "ssim": 0.6},
+           "higher_is_better": {"fid": False, "psnr": True, "ssim": True}}
+    row = table_row(rep)
+    assert row["metric"] == "psnr" and row["beats_baseline"] is True
+    rep["metrics"]["fid"], rep["baseline"]["fid"] = 30.0, 40.0
+    assert table_row(rep)["metric"] == "fid" and table_row(rep)["beats_baseline"] is True
