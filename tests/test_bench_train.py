@@ -5,6 +5,7 @@ import json
 import pytest
 
 from configs import lavin_dit
+from lavin_jax.data.batches import make_iterator
 from lavin_jax.tools import bench_train
 
 TINY_JDIT = ["--config.model.hidden_size=48", "--config.model.depth=2",
@@ -18,7 +19,7 @@ TINY_VAE = ["--config.model.block_out_channels=(8, 16)", "--config.model.latent_
             "--config.objective.disc.n_layers=2",
             "--config.data.global_batch=8", "--config.data.image_size=16"]
 QUICK = ["--steps", "2", "--warmup", "0", "--baseline_steps", "2", "--saves", "1"]
-KEYS = ("steps_per_s", "tokens_per_s", "step_s", "checkpoint_save_call_s",
+KEYS = ("steps_per_s", "tokens_per_s", "step_s", "step_cpu_s", "checkpoint_save_call_s",
         "checkpoint_write_s", "checkpoint_overlap_steps")
 
 
@@ -56,10 +57,17 @@ def test_overrides_and_synthetic_rows():
     bench_train.apply_overrides(cfg, over)
     assert cfg.data.global_batch == 8 and cfg.optim.lr == 1.0 and cfg.data.mode == "cache"
     bench_train.synthetic_data(cfg, args)
-    d = cfg.data
+    d, want = cfg.data, lavin_dit.get_config("demo").data
     tpf = (d.latent_size // cfg.model.patch_size) ** 2
     assert d.kind == "synthetic" and d.global_batch == 8 and d.latent_size == 16
-    assert d.episodes_per_row * tpf <= 192 and d.episodes_per_row * d.cond_frames * tpf <= 1536
+    assert d.episodes_per_row * tpf <= want.target_len
+    assert d.episodes_per_row * d.cond_frames * tpf <= want.cond_len
+    # rows padded (segment 0) to exactly the configured lengths
+    batch = next(bench_train.PadRows(make_iterator(cfg), d.cond_len, d.target_len))
+    assert batch["cond"].shape == (8, want.cond_len, 32)
+    assert batch["x_pos"].shape == (8, want.target_len, 3)
+    n = d.episodes_per_row * tpf
+    assert (batch["x_seg"][:, :n] > 0).all() and (batch["x_seg"][:, n:] == 0).all()
     with pytest.raises(SystemExit, match="no block 'nope'"):
         bench_train.apply_overrides(cfg, [("nope.x", "1")])
     with pytest.raises(SystemExit):

@@ -7,9 +7,10 @@ Runs lavin_jax/train.py's machinery, not a copy: train_state.create (sharded sta
 train_state.jit_train_step (donated state), the data iterator of data/batches.py,
 sharding.shard_batch per step, train.RunCheckpointer and train._save (finiteness check, then an
 Orbax save, async when ``config.async_checkpointing``). ``--data synthetic`` (default) feeds
-random batches of the config's shapes (``data.kind = "synthetic"``: packed rows as close to
-``data.cond_len`` x ``data.target_len`` as whole frames allow; ``--frames``-frame clips for
-the ST-VAE); ``--data config`` uses the config's own data.
+random batches of the config's shapes (``data.kind = "synthetic"``: packed rows of
+``data.cond_len`` x ``data.target_len`` tokens, filled with whole equal episodes of one target
+frame at the first configured resolution, the rest padding; ``--frames``-frame clips for the
+ST-VAE); ``--data config`` uses the config's own data.
 
 Figures:
 - ``steps_per_s`` / ``tokens_per_s``: ``--steps`` steps dispatched back to back as the loop
@@ -23,6 +24,9 @@ Figures:
   slower training runs while a save is in flight (goal <= 5%); ``checkpoint_stall_steps`` =
   stall / step_s (steps lost per save). Median over ``--saves`` saves, after one untimed save
   (``checkpoint_first_save_call_s``: it compiles the finiteness check and sets Orbax up).
+  The same in process CPU seconds (``step_cpu_s``, ``checkpoint_stall_cpu_*``: the CPU work
+  the save adds, all threads), the figure a shared, loaded host does not blur; the host's
+  1-minute load average is reported with them.
 A human summary comes first, then one JSON object on the last line.
 """
 
@@ -32,6 +36,7 @@ import argparse
 import ast
 import json
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -124,8 +129,40 @@ def synthetic_data(cfg: ml_collections.ConfigDict, args: argparse.Namespace) -> 
         tpf = (latent // int(cfg.model.patch_size)) ** 2
         per_row = max(1, int(d.target_len) // tpf)  # one target frame per episode
         new.update(latent_size=latent, episodes_per_row=per_row,
-                   cond_frames=max(1, int(d.cond_len) // (per_row * tpf)))
+                   cond_frames=max(1, int(d.cond_len) // (per_row * tpf)),
+                   cond_len=int(d.cond_len), target_len=int(d.target_len))  # PadRows pads to
     cfg.data = ml_collections.ConfigDict(new)
+
+
+class PadRows:
+    """Pads synthetic packed rows with padding tokens (segment 0) to exactly the configured
+    ``[cond_len, target_len]``, the shapes the real pipeline's rows have."""
+
+    def __init__(self, it, cond_len: int, target_len: int):
+        self.it, self.len = it, {"cond": cond_len, "x": target_len}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b = dict(next(self.it))
+        for stream, n in self.len.items():
+            for k in (stream, f"{stream}_pos", f"{stream}_seg"):
+                x = b[k]
+                if x.shape[1] < n:
+                    pad = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+                    b[k] = np.pad(x, pad)
+        return b
+
+    @property
+    def bad_records(self) -> int:
+        return self.it.bad_records
+
+    def get_state(self) -> dict:
+        return self.it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.it.set_state(state)
 
 
 def _tokens_fn(objective, cfg):
@@ -157,6 +194,8 @@ class Runner:
             self.objective, seed=cfg.seed, mesh=self.mesh, rules=self.rules,
             ema_decay=cfg.ema_decay, microbatches=cfg.microbatches)
         self.data = make_iterator(cfg, self.objective)
+        if cfg.data.kind == "synthetic" and "target_len" in cfg.data:
+            self.data = PadRows(self.data, int(cfg.data.cond_len), int(cfg.data.target_len))
         self.batch = next(self.data)
         shardings = jax.tree.map(
             lambda x: sharding.batch_sharding(self.mesh, self.rules, np.ndim(x)), self.batch)
@@ -174,15 +213,17 @@ class Runner:
         self.batch = next(self.data)
         return tokens
 
-    def waited(self) -> float:
-        t0 = time.perf_counter()
+    def waited(self) -> tuple[float, float]:
+        """One step, waited for: (wall s, process CPU s)."""
+        t0, c0 = time.perf_counter(), time.process_time()
         self.run()
         jax.block_until_ready(self.state)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
-def time_saves(r: Runner, ckpt: RunCheckpointer, base: float, saves: int, max_overlap: int
-               ) -> list[dict[str, float]]:
+def time_saves(r: Runner, ckpt: RunCheckpointer, base: tuple[float, float], saves: int,
+               max_overlap: int) -> list[dict[str, float]]:
+    """Per save: its call, write and overlap times and the stall (wall and process CPU)."""
     out = []
     t0 = time.perf_counter()  # the first save compiles the finiteness check and sets Orbax up
     train._save(ckpt, r.step, r.state, r.data, r.cfg)
@@ -193,17 +234,20 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, base: float, saves: int, max_ov
     bool(jax.device_get(train._all_finite(r.state["params"])))
     check = time.perf_counter() - t0
     for _ in range(saves):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train._save(ckpt, r.step, r.state, r.data, r.cfg)
-        call = time.perf_counter() - t0
+        call, call_cpu = time.perf_counter() - t0, time.process_time() - c0
         steps = []
         while not steps or (ckpt.manager.is_saving_in_progress() and len(steps) < max_overlap):
             steps.append(r.waited())
         written = time.perf_counter() - t0
         ckpt.wait()
-        stall = call + sum(steps) - len(steps) * base
-        out.append(dict(save_call_s=call, write_s=written, overlap_steps=len(steps),
-                        stall_s=stall, stall_fraction=stall / (len(steps) * base),
+        n = len(steps)
+        stall = call + sum(w for w, _ in steps) - n * base[0]
+        stall_cpu = call_cpu + sum(c for _, c in steps) - n * base[1]
+        out.append(dict(save_call_s=call, write_s=written, overlap_steps=n,
+                        stall_s=stall, stall_fraction=stall / (n * base[0]),
+                        stall_cpu_s=stall_cpu, stall_cpu_fraction=stall_cpu / (n * base[1]),
                         first_save_call_s=first, finite_check_s=check))
         for _ in range(2):  # let the machine settle before the next save
             r.waited()
@@ -236,7 +280,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     loss = {k: float(v) for k, v in jax.device_get(r.metrics).items() if k.endswith("/loss")}
 
-    base = statistics.median(r.waited() for _ in range(args.baseline_steps))
+    baseline = [r.waited() for _ in range(args.baseline_steps)]
+    base = tuple(statistics.median(t[i] for t in baseline) for i in (0, 1))
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
     ckpt = RunCheckpointer(workdir, max_to_keep=2, async_save=cfg.async_checkpointing)
     try:
@@ -247,8 +292,12 @@ def main(argv: list[str]) -> dict[str, Any]:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     med = lambda k: statistics.median(s[k] for s in saves)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.state["params"]))
     b = r.batch
+    real_fraction = 1.0
+    if "x_seg" in b:
+        real_fraction = float((np.sum(b["cond_seg"] > 0) + np.sum(b["x_seg"] > 0))
+                              / (b["cond_seg"].size + b["x_seg"].size))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.state["params"]))
     result = dict(
         config=args.config, overrides=[f"{k}={v}" for k, v in overrides], data_kind=args.data,
         objective=cfg.objective.name, params=n_params, global_batch=int(cfg.data.global_batch),
@@ -256,7 +305,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         devices=len(jax.devices()), device=jax.devices()[0].device_kind, jax=jax.__version__,
         setup_s=round(setup_s, 2), compile_s=round(compile_s, 2), steps=args.steps,
         steps_per_s=args.steps / dt, tokens_per_s=tokens * jax.process_count() / dt,
-        tokens_what=r.tokens_what, step_s=round(base, 4), loss=loss,
+        tokens_what=r.tokens_what, real_token_fraction=round(real_fraction, 4),
+        step_s=round(base[0], 4), step_cpu_s=round(base[1], 4),
+        loss=loss,
         async_checkpointing=bool(cfg.async_checkpointing), saves=len(saves),
         checkpoint_first_save_call_s=round(saves[0]["first_save_call_s"], 4),
         checkpoint_finite_check_s=round(saves[0]["finite_check_s"], 4),
@@ -265,7 +316,10 @@ def main(argv: list[str]) -> dict[str, Any]:
         checkpoint_overlap_steps=med("overlap_steps"),
         checkpoint_stall_s=round(med("stall_s"), 4),
         checkpoint_stall_fraction=round(med("stall_fraction"), 4),
-        checkpoint_stall_steps=round(med("stall_s") / base, 3),
+        checkpoint_stall_steps=round(med("stall_s") / base[0], 3),
+        checkpoint_stall_cpu_s=round(med("stall_cpu_s"), 4),
+        checkpoint_stall_cpu_fraction=round(med("stall_cpu_fraction"), 4),
+        host_cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
     )
     print(f"train step ({cfg.objective.name}, {args.config}, {args.data} data, "
           f"{n_params / 1e6:.2f}M params, batch {result['global_batch']}): "
