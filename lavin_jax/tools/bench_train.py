@@ -22,8 +22,10 @@ Figures:
   ``checkpoint_stall_s`` = the save call's own time + the extra time of the steps overlapping
   the write; ``checkpoint_stall_fraction`` = that / (overlapping steps x step_s), i.e. how much
   slower training runs while a save is in flight (goal <= 5%); ``checkpoint_stall_steps`` =
-  stall / step_s (steps lost per save). Median over ``--saves`` saves, after one untimed save
-  (``checkpoint_first_save_call_s``: it compiles the finiteness check and sets Orbax up).
+  stall / step_s (steps lost per save); ``checkpoint_stall_amortized`` = stall / (the config's
+  checkpoint_every_steps x step_s), the share of all training time. Median over ``--saves``
+  saves, after one untimed save (``checkpoint_first_save_call_s``: it compiles the finiteness
+  check and sets Orbax up).
   The same in process CPU seconds (``step_cpu_s``, ``checkpoint_stall_cpu_*``: the CPU work
   the save adds, all threads), the figure a shared, loaded host does not blur; the host's
   1-minute load average is reported with them.
@@ -317,6 +319,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         checkpoint_stall_s=round(med("stall_s"), 4),
         checkpoint_stall_fraction=round(med("stall_fraction"), 4),
         checkpoint_stall_steps=round(med("stall_s") / base[0], 3),
+        checkpoint_every_steps=int(cfg.checkpoint_every_steps),
+        checkpoint_stall_amortized=round(
+            med("stall_s") / (int(cfg.checkpoint_every_steps) * base[0]), 6),
         checkpoint_stall_cpu_s=round(med("stall_cpu_s"), 4),
         checkpoint_stall_cpu_fraction=round(med("stall_cpu_fraction"), 4),
         host_cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
