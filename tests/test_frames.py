@@ -55,3 +55,18 @@ def test_two_processes_read_disjoint_examples():
                                                                                       0, 0, 0]}
         seen.append(vals)
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_task_renders_mixed_into_frames():
+    # An entry with `tasks` yields RGB frames or a task's rendered input/target (here: depth
+    # maps, gray), so the demo VAE also learns to draw task outputs.
+    from test_tasks import image_example
+
+    cfg = ml_collections.ConfigDict(dict(data=dict(
+        kind="frames", global_batch=2, image_size=16, seed=0,
+        sources=[dict(name="s", weight=1.0, tasks=["depth"])])))
+    src = {"s": [image_example(32, 32, seed=i) for i in range(8)]}
+    it = frames.make_frames_iterator(cfg, process_index=0, process_count=1, sources=src)
+    batch = np.concatenate([next(it)["video"] for _ in range(8)])  # [16, 1, 16, 16, 3]
+    gray = np.abs(batch[..., 0] - batch[..., 1]).max((1, 2, 3)) < 1e-6
+    assert gray.any() and not gray.all() and it.bad_records == 0

@@ -1,7 +1,10 @@
 """The ST-VAE's input pipeline: RGB images and clips in [-1, 1] as [B, T, H, W, 3] batches.
 
 ``config.data.sources`` lists {name, config, weight} entries (registered sources, e.g.
-synthetic_scenes images "64" and clips "clips5_64", photos). Per source (Grain):
+synthetic_scenes images "64" and clips "clips5_64", photos); an entry's optional ``tasks``
+(task names) makes it yield, per record, the RGB frames or one task's rendered input/target
+(depth maps, skeletons, boxes...) at random, so the VAE also learns what the J-DiT must draw.
+Per source (Grain):
 prepare on first use -> shuffle(seed) -> this process's slice [p::P] -> repeat -> decode + crop
 to ``image_size`` (bad records -> dropped and counted) -> batch; the per-source batches are mixed
 by weight (a batch never mixes image and clip shapes). The iterator's state is exact and
@@ -69,11 +72,19 @@ def _source_dataset(entry: Mapping[str, Any], d: ml_collections.ConfigDict, seed
                                      entry.get("config") or None)
     size = int(d.image_size)
     ds = grain.MapDataset.source(source).seed(seed).shuffle()[pi::pc].repeat()
+    from lavin_jax.data.tasks import get_task
+
+    tasks = [get_task(t) for t in entry.get("tasks") or ()]
 
     def decode(i: int, example: Any):
         try:
             rng = np.random.default_rng((seed, pi, i))
-            return to_model_frames(example_frames(example), size, rng)
+            frames = example_frames(example)
+            k = int(rng.integers(len(tasks) + 1)) if tasks else 0
+            if k:  # one task's rendered input or target instead of the RGB frames
+                inputs, targets = tasks[k - 1].render(example, rng)
+                frames = np.asarray(targets if rng.random() < 0.75 else inputs)
+            return to_model_frames(frames, size, rng)
         except (KeyError, ValueError, TypeError) as e:
             bad.count += 1
             log.warning("skipping bad record %d of %s: %s", i, entry["name"], e)
