@@ -166,3 +166,31 @@ def test_trainer_writes_sample_pngs(tmp_path):
     assert pngs == ["step_00000003.png"]
     img = np.asarray(Image.open(tmp_path / "samples" / pngs[-1]))
     assert img.shape == (76, 184, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["render", "online"])
+def test_flow_grid_from_pipeline_rows(tmp_path, mode):
+    """Real pipeline rows (task ids, video items, context dropout; online: pixel rows encoded
+    here) with a tiny ST-VAE checkpoint: one row per episode, none dropped while others exist."""
+    from test_pipeline import CLIP, IMG, small_config
+
+    from lavin_jax import encode
+    from lavin_jax.data import pipeline, render
+
+    vae = _tiny_vae_checkpoint(tmp_path / "vae", channels=8)
+    tasks = {"depth": 1.0, "colorization": 1.0} if mode == "online" else None
+    cfg = small_config(mode, **({"tasks": tasks} if tasks else {}))
+    cfg.data.vae_checkpoint, cfg.data.global_batch = str(tmp_path / "vae"), 8
+    cfg.model.update(hidden_size=48, depth=1, num_heads=4, kv_group=2)
+    cfg.sample.update(num_steps=3, grid="uniform")
+    sources = {IMG: [render.render_example(s, 32) for s in range(6)],
+               CLIP: [render.render_clip(s, 32, 5) for s in range(2)]}
+    enc = encode.VaeEncoder(vae) if mode == "render" else vae.cfg
+    batch = next(pipeline.make_train_iterator(cfg, encoder=enc, sources=sources,
+                                              process_index=0, process_count=1))
+    obj, tr, state, mesh = _state(cfg)
+    with sharding.use_rules(mesh, cfg.sharding.rules):
+        img = obj._visualize(tr.modules(state)["model"], batch, 1)
+    segs = len(set(batch["x_seg"][0].tolist()) - {0})
+    assert img.shape[0] == min(segs, 4) * 36 + 4 and img.shape[2] == 3

@@ -163,17 +163,19 @@ class FlowObjective:
         return None if None in lat else (lat[0], lat[1])
 
     def _online_tokens(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from lavin_jax.data import online
+        """An online row's cond / x tokens, encoded by the frozen VAE (its local device)."""
+        with preview.local_device():
+            out = _online_tokens(self.vae, row, self.model_cfg.patch_size)
+        return jax.tree.map(np.asarray, out)
 
-        p = self.model_cfg.patch_size
 
-        @nnx.jit
-        def tokens(vae, r):
-            enc = lambda x: vae.normalize(vae.encode(x.astype(jnp.float32) / 127.5 - 1.0)[0])
-            out = online.to_packed(r, enc, p)
-            return {"cond": out.cond, "x": out.x}
+@functools.partial(nnx.jit, static_argnames=("p",))
+def _online_tokens(vae: nnx.Module, row: dict[str, Any], p: int) -> dict[str, jax.Array]:
+    from lavin_jax.data import online
 
-        return jax.tree.map(np.asarray, tokens(self.vae, row))
+    enc = lambda x: vae.normalize(vae.encode(x.astype(jnp.float32) / 127.5 - 1.0)[0])
+    out = online.to_packed(row, enc, p)
+    return {"cond": out.cond, "x": out.x}
 
 
 # ---- packed episodes (numpy) ------------------------------------------------------------------

@@ -92,6 +92,13 @@ def grid(rows: Sequence[Sequence[np.ndarray | None]]) -> np.ndarray:
     return make_grid([[fit(t) for t in r] for r in rows])
 
 
+def local_device():
+    """Context for work on this process's first device (the frozen ST-VAE lives there): a
+    1-device mesh turns the trainer's activation constraints (sharding.constrain) off."""
+    devices = np.asarray(jax.local_devices()[:1]).reshape((1,) * len(sharding.MESH_AXES))
+    return sharding.use_rules(Mesh(devices, sharding.MESH_AXES), ())
+
+
 class LatentDecoder:
     """Normalised latent frames [n, h, w, C] -> uint8 pixels [n, H, W, 3] with the frozen ST-VAE
     of ``path`` (loaded once, on first use, on the default device), or false colour when no
@@ -139,11 +146,8 @@ class LatentDecoder:
 
             self._codec = Codec(self.vae)
         # One latent frame decodes to one pixel frame (causal in time: the exact first frame
-        # of its item). Chunks of 8: one compiled shape per latent size. On this process's
-        # first device: a 1-device mesh turns the trainer's activation constraints off.
-        local = Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(sharding.MESH_AXES)),
-                     sharding.MESH_AXES)
-        with sharding.use_rules(local, ()):
+        # of its item). Chunks of 8: one compiled shape per latent size.
+        with local_device():
             return self._codec.decode(z[:, None], batch=8)[:, 0]
 
 
