@@ -2,8 +2,8 @@
 
 The batch is a packed row set (lavin_jax/packing.py field names) whose ``x`` holds the clean
 target latent tokens; context dropout was applied per episode before packing.
-``visualize`` (the trainer's sample grids) samples the first packed row with the ODE and shows
-a few of its episodes: context pairs | query | prediction | ground truth.
+``visualize`` (the trainer's sample grids) samples the first packed rows with the ODE and shows
+a few of their episodes: context pairs | query | prediction | ground truth.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class FlowObjective:
         self.vae = None
         self._decoder: preview.LatentDecoder | None = None  # built on the first visualize
         self._task_frames: dict[int, tuple[int, int]] | None = None
+        self._vis_rows: int | None = None  # packed rows a grid samples (fixed on first use)
         data = cfg.get("data") or {}
         if data.get("kind") == "episodes" and data.get("mode") == "online":
             from lavin_jax.encode import load_encoder
@@ -93,13 +94,14 @@ class FlowObjective:
     def visualize(self, modules: dict[str, nnx.Module], batch: dict[str, Any], step: int
                   ) -> np.ndarray:
         """uint8 [H, W, 3]: a row per episode (up to VIS_EPISODES, context-dropped ones last)
-        of process 0's first packed row: context pairs | query | prediction | ground truth.
+        of process 0's first packed rows: context pairs | query | prediction | ground truth.
 
-        The prediction is ``cfg.sample``'s ODE (steps, grid, method, CFG scale) run on the
-        whole packed row with ``modules["model"]`` (the trainer passes EMA params once the EMA
-        has warmed up). Frames are decoded with the frozen ST-VAE of ``data.vae_checkpoint``
-        (the first frame of each item), else shown as false-colour latents. Never raises: a
-        failure is logged and a placeholder returned.
+        The rows taken are as many as the first call's batch needed to hold VIS_EPISODES
+        episodes (then fixed: one compiled sampler). The prediction is ``cfg.sample``'s ODE
+        (steps, grid, method, CFG scale) run on those whole rows with ``modules["model"]``
+        (the trainer passes EMA params once the EMA has warmed up). Frames are decoded with the
+        frozen ST-VAE of ``data.vae_checkpoint`` (the first frame of each item), else shown as
+        false-colour latents. Never raises: a failure is logged and a placeholder returned.
         """
         try:
             return self._visualize(modules["model"], batch, step)
@@ -112,13 +114,17 @@ class FlowObjective:
         if self._decoder is None:
             self._decoder = preview.LatentDecoder(
                 (self.cfg.get("data") or {}).get("vae_checkpoint", ""), self.vae)
-        row = preview.first_rows(batch, 1)
+        if self._vis_rows is None:
+            counts = np.cumsum([len(set(r.tolist()) - {0}) for r in np.asarray(batch["x_seg"])])
+            n = min(int(np.searchsorted(counts, VIS_EPISODES)) + 1, len(counts))
+            self._vis_rows = int(preview.from_process0(np.int32(n)))
+        row = preview.first_rows(batch, self._vis_rows)
         if "cond_src" in row:  # online mode: encode the pixels as the train step does
             row = {**row, **self._online_tokens(row)}
         eps = [e for e in row_episodes(row, p, self._frames_of) if e is not None]
         chosen = sorted(eps, key=lambda e: e.dropped)[:VIS_EPISODES]
         if not chosen:
-            log.warning("step %d: no displayable episode in the first packed row", step)
+            log.warning("step %d: no displayable episode in the first packed rows", step)
             return preview.PLACEHOLDER
         s = self.cfg.get("sample") or {}
         cfg_scale = float(s.get("cfg_scale", 1.0))
@@ -134,7 +140,7 @@ class FlowObjective:
             return preview.PLACEHOLDER
         tiles, layout = [], []
         for e in chosen:
-            z_pred = _unpatch(pred[0, e.x_idx], e.rows, e.cols, p)
+            z_pred = _unpatch(pred[e.row, e.x_idx], e.rows, e.cols, p)
             ctx = [e.cond[i] for i in e.context_starts[:2 * VIS_PAIRS]]
             frames = ctx + [e.cond[e.query_start], z_pred[0], e.target[0]]
             layout.append(len(ctx))
@@ -183,6 +189,7 @@ def _online_tokens(vae: nnx.Module, row: dict[str, Any], p: int) -> dict[str, ja
 
 @dataclasses.dataclass
 class Episode:
+    row: int
     seg: int
     cond: np.ndarray  # [Tc, h, w, C] latents, items in order, query last
     target: np.ndarray  # [Tx, h, w, C]
@@ -207,27 +214,27 @@ def split_items(tc: int, frames: tuple[int, int] | None) -> tuple[list[int], int
     return list(range(tc - 1)), tc - 1, False
 
 
-def row_episodes(row: dict[str, np.ndarray], p: int, frames_of) -> list[Episode | None]:
-    """The episodes of packed row 0 (None for one whose tokens do not form whole frames).
-
-    ``frames_of(task_id)`` -> (input, target) latent frames of the task's items, or None.
-    """
+def row_episodes(rows: dict[str, np.ndarray], p: int, frames_of) -> list[Episode | None]:
+    """The episodes of packed rows, in row then segment order (None for one whose tokens do not
+    form whole frames). ``frames_of(task_id)`` -> (input, target) latent frames of the task's
+    items, or None."""
     out: list[Episode | None] = []
-    for s in sorted(set(np.unique(row["x_seg"][0]).tolist()) - {0}):
-        ci = np.nonzero(row["cond_seg"][0] == s)[0]
-        xi = np.nonzero(row["x_seg"][0] == s)[0]
-        pos = row["cond_pos"][0, ci] if len(ci) else row["x_pos"][0, xi]
-        rows, cols = int(pos[:, 1].max()) + 1, int(pos[:, 2].max()) + 1
-        tpf = rows * cols
-        if not len(ci) or len(ci) % tpf or len(xi) % tpf:
-            out.append(None)
-            continue
-        task = row.get("seg_task")
-        fr = frames_of(task[0, s - 1]) if task is not None and task[0, s - 1] >= 0 else None
-        starts, q, dropped = split_items(len(ci) // tpf, fr)
-        out.append(Episode(s, _unpatch(row["cond"][0, ci], rows, cols, p),
-                           _unpatch(row["x"][0, xi], rows, cols, p), xi, rows, cols, starts, q,
-                           dropped))
+    task = rows.get("seg_task")
+    for b in range(len(rows["x_seg"])):
+        for s in sorted(set(np.unique(rows["x_seg"][b]).tolist()) - {0}):
+            ci = np.nonzero(rows["cond_seg"][b] == s)[0]
+            xi = np.nonzero(rows["x_seg"][b] == s)[0]
+            pos = rows["cond_pos"][b, ci] if len(ci) else rows["x_pos"][b, xi]
+            h, w = int(pos[:, 1].max()) + 1, int(pos[:, 2].max()) + 1
+            if not len(ci) or len(ci) % (h * w) or len(xi) % (h * w):
+                out.append(None)
+                continue
+            known = task is not None and task[b, s - 1] >= 0
+            starts, q, dropped = split_items(len(ci) // (h * w),
+                                             frames_of(task[b, s - 1]) if known else None)
+            out.append(Episode(b, s, _unpatch(rows["cond"][b, ci], h, w, p),
+                               _unpatch(rows["x"][b, xi], h, w, p), xi, h, w, starts, q,
+                               dropped))
     return out
 
 
@@ -238,23 +245,23 @@ def _unpatch(tokens: np.ndarray, rows: int, cols: int, p: int) -> np.ndarray:
 
 
 def null_row(packed: dict[str, np.ndarray], eps: list[Episode]) -> dict[str, np.ndarray]:
-    """The CFG null branch of row 0 for ``eps``: each one's cond is a zero frame then its query
-    (positions from 0), its target positions follow; other segments get no cond tokens (their
-    predictions are not shown). Same shapes as ``packed``."""
+    """The CFG null branch of packed rows for ``eps``: each one's cond is a zero frame then its
+    query (positions from 0), its target positions follow; other segments get no cond tokens
+    (their predictions are not shown). Same shapes as ``packed``."""
     out = {k: np.array(v) for k, v in packed.items()}
     for k in ("cond", "cond_pos", "cond_seg"):
         out[k][:] = 0
-    o = 0
+    offset = [0] * len(packed["cond"])
     for e in eps:
-        tc = e.cond.shape[0]
+        b, o, tc = e.row, offset[e.row], e.cond.shape[0]
         lq = tc - e.query_start
         n = (1 + lq) * e.rows * e.cols
-        q = packed["cond"][0, packed["cond_seg"][0] == e.seg][-lq * e.rows * e.cols:]
-        out["cond"][0, o + n - len(q):o + n] = q
-        out["cond_pos"][0, o:o + n] = packing.grid_positions(1 + lq, e.rows, e.cols)
-        out["cond_seg"][0, o:o + n] = e.seg
-        out["x_pos"][0, e.x_idx, 0] += 1 + lq - tc
-        o += n
+        q = packed["cond"][b, packed["cond_seg"][b] == e.seg][-lq * e.rows * e.cols:]
+        out["cond"][b, o + n - len(q):o + n] = q
+        out["cond_pos"][b, o:o + n] = packing.grid_positions(1 + lq, e.rows, e.cols)
+        out["cond_seg"][b, o:o + n] = e.seg
+        out["x_pos"][b, e.x_idx, 0] += 1 + lq - tc
+        offset[b] = o + n
     return out
 
 

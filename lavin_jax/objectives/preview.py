@@ -28,15 +28,18 @@ MAX_TILE = 128  # px: tiles are resized to one square size (mixed resolutions in
 FALSE_COLOUR_RANGE = 2.5  # normalised latents in [-r, r] map to [0, 255]
 
 
+def from_process0(tree: Any) -> Any:
+    """Process 0's value of a numpy tree, on every process (a collective: all must call)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
 def first_rows(batch: dict[str, Any], n: int) -> dict[str, np.ndarray]:
     """The first ``n`` rows of process 0's local batch, as numpy, on every process."""
-    rows = {k: np.asarray(v[:n]) for k, v in batch.items()}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        rows = multihost_utils.broadcast_one_to_all(rows)  # a collective: every process calls
-        rows = {k: np.asarray(v) for k, v in rows.items()}
-    return rows
+    return from_process0({k: np.asarray(v[:n]) for k, v in batch.items()})
 
 
 def module_mesh(module: nnx.Module) -> Mesh | None:
