@@ -301,6 +301,8 @@ def test_registry_and_config_errors(tmp_path):
         assert obj.ocfg.disc_start > 0 and obj.ocfg.optim_disc.b1 == 0.5
     cfg = ml_collections.ConfigDict(dict(objective=dict(disc=TINY_DISC)))
     assert isinstance(get_objective("vae", cfg), VAEObjective)
+    # init_from: the VAE group loads the "stvae" item of converted / exported checkpoints
+    assert get_objective("vae", cfg).checkpoint_name("vae") == "stvae"
     with pytest.raises(ValueError, match="unknown objective"):
         get_objective("gan", cfg)
     with pytest.raises(ValueError, match="unknown keys"):

@@ -143,6 +143,10 @@ class VAEObjective:
         if o.perceptual_weight > 0:
             self.perceptual = FeatureNet.from_file(o.perceptual_path, "objective.perceptual_path")
 
+    def checkpoint_name(self, group: str) -> str:
+        """The item of a params-only checkpoint (``init_from``) this group loads: the VAE
+        from "stvae" (what lavin_jax.convert and the demo export write)."""
+        return {"vae": "stvae"}.get(group, group)
     def build(self, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
         if self.model_ctor is not None:
             vae = self.model_ctor(rngs)
