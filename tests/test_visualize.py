@@ -197,3 +197,26 @@ def test_flow_grid_from_pipeline_rows(tmp_path, mode):
     with sharding.use_rules(mesh, cfg.sharding.rules):
         img = obj._visualize(tr.modules(state)["model"], batch, 1)
     assert img.shape[0] == 4 * 36 + 4 and img.shape[2] == 3  # 4 episodes of 8 rows
+
+
+@pytest.mark.slow
+def test_two_process_training_writes_grids(tmp_path):
+    """2 processes x 4 devices through the train binary, a grid every step: the collectives
+    (process 0's rows broadcast, replicated sampling) line up and process 0 writes the PNGs."""
+    import sys
+
+    from test_multiprocess import REPO, _free_port, _launch
+
+    port, run = _free_port(), tmp_path / "run"
+    argvs = [[sys.executable, "-m", "lavin_jax.train",
+              f"--config={REPO}/tests/tiny_run_config.py:2", "--config.sample_every_steps=1",
+              "--config.sample.num_steps=3", "--config.sample.grid=uniform", f"--workdir={run}",
+              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={i}"] for i in range(2)]
+    logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
+    _launch(argvs, logs, devices=4)
+    assert sorted(os.listdir(run / "samples")) == ["step_00000001.png", "step_00000002.png"]
+    assert np.asarray(Image.open(run / "samples" / "step_00000002.png")).shape == (148, 184, 3)
+    for log in logs:
+        with open(log) as f:
+            assert "grid failed" not in f.read()
