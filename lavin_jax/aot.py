@@ -82,6 +82,12 @@ class Topology:
     def libtpu_name(self) -> str:
         return f"{self.generation}:{'x'.join(map(str, self.shape))}"
 
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud TPU's name of one slice (``v5p-128``, ``v5litepod-16``)."""
+        gen = {"v5e": "v5litepod"}.get(self.generation, self.generation)
+        return f"{gen}-{self.chips_per_slice * self.chip.cores_in_name}"
+
 
 def _standard_shape(chips: int, dims: int) -> tuple[int, ...]:
     """Slice shape Cloud TPU uses for a power-of-two chip count (v5p-128 = 64 chips = 4x4x4)."""
@@ -127,6 +133,9 @@ def topology_devices(topo: Topology) -> list[Any]:
                          "`pip install -r requirements-tpu.txt` (CPU machines are fine)")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # not on a Cloud TPU VM: skip metadata
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no device to lock
+    # What a TPU VM's metadata would say; without them libtpu logs alarming (harmless) errors.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies
 
     single = topo.chips_per_slice == 1

@@ -29,6 +29,8 @@ def test_parse_topology(name, gen, shape):
     assert (topo.generation, topo.shape) == (gen, shape)
     assert topo.chips == 2 * topo.chips_per_slice
     assert topo.libtpu_name == f"{gen}:{'x'.join(map(str, shape))}"
+    if "-" in name:  # Cloud TPU's accelerator type names the slice as given
+        assert topo.accelerator_type == name.replace("v5e-", "v5litepod-")
 
 
 @pytest.mark.parametrize("name, message", [("v7-8", "use e.g."), ("v5p-7", "2 per chip"),
