@@ -31,6 +31,10 @@ def setup():
     cfg.model = ml_collections.ConfigDict({"name": "jdit", **TINY})
     cfg.data.sources = {"image": "mem_images", "video": "mem_clips"}
     cfg.data.resolutions = [RES]
+    # A fixed training mixture (the demo's changes over time): 6 maps + 4 restorations.
+    cfg.data.tasks = {t: 1.0 for t in ("depth", "normals", "panoptic", "detection", "pose",
+                                       "edges", "colorization", "inpainting", "gaussian_deblur",
+                                       "motion_deblur")}
     sources = {"mem_images": [render_example(s, RES) for s in range(8)]}
     return cfg, sources
 
@@ -69,7 +73,7 @@ def test_default_task_set_drops_tasks_with_the_same_target(setup):
     cfg, sources = setup
     entries, dropped = eval_incontext.ti_tasks(cfg, None, dict(sources), _settings(cfg))
     names = [e.name for e in entries]
-    # demo training tasks: the four restoration tasks all target the clean image
+    # the four restoration tasks all target the clean image
     assert names == ["colorization", "depth", "detection", "edges", "normals", "panoptic", "pose"]
     assert dropped == {t: "same target image as colorization"
                        for t in ("gaussian_deblur", "inpainting", "motion_deblur")}
