@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lavin_jax.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--vae_steps", type=int, default=400)
+    p.add_argument("--vae_steps", type=int, default=300)
     p.add_argument("--cache_episodes", type=int, default=1024)
-    p.add_argument("--jdit_steps", type=int, default=400)
+    p.add_argument("--jdit_steps", type=int, default=600)
     p.add_argument("--vae_lr", type=float, default=1e-3)
     p.add_argument("--eval_examples", type=int, default=16, help="eval episodes per task")
     p.add_argument("--eval_pairs", type=int, default=2, help="context pairs in eval episodes")
