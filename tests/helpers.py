@@ -28,3 +28,17 @@ def tiny_jdit(seed: int = 0, **overrides) -> JDiT:
 
 def latents(key: int, *shape: int) -> jax.Array:
     return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def tiny_eval_config(res: int):
+    """The demo J-DiT config shrunk for eval tests: the TINY model, in-memory sources
+    ("mem_images" / "mem_clips"), one resolution."""
+    import ml_collections
+
+    from configs.lavin_dit import get_config
+
+    cfg = get_config("demo")
+    cfg.model = ml_collections.ConfigDict({"name": "jdit", **TINY})
+    cfg.data.sources = {"image": "mem_images", "video": "mem_clips"}
+    cfg.data.resolutions = [res]
+    return cfg

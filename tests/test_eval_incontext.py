@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY
+from helpers import TINY, tiny_eval_config
 
 from configs.lavin_dit import get_config
 from lavin_jax import eval_incontext, eval_periodic, evaluate
@@ -27,10 +27,7 @@ COMMON = dict(jdit=None, vae=None, step=4)
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = get_config("demo")
-    cfg.model = ml_collections.ConfigDict({"name": "jdit", **TINY})
-    cfg.data.sources = {"image": "mem_images", "video": "mem_clips"}
-    cfg.data.resolutions = [RES]
+    cfg = tiny_eval_config(RES)
     # A fixed training mixture (the demo's changes over time): 6 maps + 4 restorations.
     cfg.data.tasks = {t: 1.0 for t in ("depth", "normals", "panoptic", "detection", "pose",
                                        "edges", "colorization", "inpainting", "gaussian_deblur",

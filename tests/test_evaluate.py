@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY
+from helpers import TINY, tiny_eval_config
 
 from configs.lavin_dit import get_config
 from lavin_jax import evaluate, metrics
@@ -24,10 +24,7 @@ RES = 32
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = get_config("demo")
-    cfg.model = ml_collections.ConfigDict({"name": "jdit", **TINY})
-    cfg.data.sources = {"image": "mem_images", "video": "mem_clips"}
-    cfg.data.resolutions = [RES]
+    cfg = tiny_eval_config(RES)
     sources = {"mem_images": [render_example(s, RES) for s in range(6)],
                "mem_clips": [render_clip(s, RES, 9) for s in range(3)]}
     return cfg, sources
