@@ -38,7 +38,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         num_heads=heads,
         kv_group=kv_group,
         patch_size=2,
-        in_channels=8 if arg == "demo" else 16,
+        in_channels=16,
         attention_backend="xla",  # xla | cudnn | splash
         remat_policy="none" if arg in ("demo", "bench") else "full",
         # CPU: unrolled layers run ~30% faster than the scan (no stacked residual buffers)
@@ -76,11 +76,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 IMAGE_TASKS = ("depth", "normals", "panoptic", "detection", "pose", "edges", "colorization",
                "inpainting", "gaussian_deblur", "motion_deblur", "deraining", "denoising",
                "low_light", "depth_to_image", "normal_to_image", "pose_to_image")
-# The demo mixture (a 4-layer J-DiT, minutes on a CPU): dense maps, structure outputs and one
-# restoration. Left out: restorations whose copy-the-input baseline is above what the demo ST-VAE
-# itself reconstructs at 64 px (inpainting: the input is 26.7 dB PSNR from the truth; denoising,
-# the deblurs and colorization are close to it), so no demo J-DiT could beat them.
-DEMO_TASKS = ("depth", "normals", "edges", "panoptic", "detection", "pose", "low_light")
+# The demo mixture (a 4-layer J-DiT, minutes on a CPU): dense maps, a mask, edges and one
+# restoration -- tasks whose 64 px targets the demo ST-VAE reconstructs well enough for their
+# metric. Measured through the demo VAE (its reconstruction of the clean target, decoded and
+# scored, i.e. the best any demo J-DiT could do): depth AbsRel 0.05, normals 15 deg, edges
+# ODS-F 0.90, foreground mIoU 0.76, low-light 20.7 dB -- but detection mAP 0, pose OKS-AP 0,
+# panoptic PQ 0.04 (1 px box outlines / limb sticks / per-segment random colours at 64 px do
+# not survive a few-minute VAE), so those train in the full configs, not the demo. Also left
+# out: restorations whose copy-the-input baseline is above what the demo VAE reconstructs
+# (inpainting 26.7 dB, deraining 27.7 dB; denoising, the deblurs and colorization are close).
+DEMO_TASKS = ("depth", "normals", "edges", "foreground", "low_light")
 VIDEO_TASKS = ("frame_prediction", "video_depth", "video_normals", "optical_flow",
                "video_segmentation", "depth_to_video", "normal_to_video")
 
@@ -101,7 +106,8 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         task_sources={},  # {task: source} overrides
         tasks=tasks,  # {task: weight}; task ids follow the sorted names
         # Tasks kept out of training, evaluated given only as context (as the paper's).
-        held_out_tasks=["foreground", "single_detection"],
+        # (the demo trains foreground: a mask task its few-minute VAE reconstructs)
+        held_out_tasks=["single_detection"] if demo else ["foreground", "single_detection"],
         task_options={},  # {task: {option: value}}
         # weights of N = 1..8 context pairs (demo: 1-3, short rows train faster on a CPU)
         pairs=[1.0] * 3 if demo else [1.0] * 8,

@@ -153,13 +153,24 @@ def _sample(graphdef, state, x, cond, cond_frames, grid, cfg_scale, *, method, u
             v = v_u + cfg_scale * (v - v_u)
         return packing.unpatchify(v, tx, h, w, p)
 
+    return integrate(velocity, x, grid, method)
+
+
+def check_method(method: str) -> None:
+    if method not in ("euler", "heun"):
+        raise ValueError(f"sample.method={method!r}; use 'euler' or 'heun'")
+
+
+def integrate(velocity, x: jax.Array, grid: jax.Array, method: str) -> jax.Array:
+    """Euler or Heun from grid[0] to grid[-1] under a ``fori_loop`` (one compiled step):
+    ``velocity(x, t)`` -> dx/dt, any shape (latents or packed tokens); float32 state."""
+
     def step(i, z):
         t0, t1 = grid[i], grid[i + 1]
         d0 = velocity(z, t0)
         if method == "euler":
             return z + (t1 - t0) * d0
-        z1 = z + (t1 - t0) * d0
-        return z + (t1 - t0) * 0.5 * (d0 + velocity(z1, t1))
+        return z + (t1 - t0) * 0.5 * (d0 + velocity(z + (t1 - t0) * d0, t1))
 
     return jax.lax.fori_loop(0, grid.shape[0] - 1, step, x.astype(jnp.float32))
 
@@ -184,8 +195,7 @@ def sample_ode(
     the release does: padding it to the full context would cost ~1.5x the work) and
     v = v_u + s (v_c - v_u). The whole loop is one jitted computation.
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"sample.method={method!r}; use 'euler' or 'heun'")
+    check_method(method)
     ts = jnp.asarray(time_grid(num_steps, grid, shift))
     b, tc = cond.shape[:2]
     n = jnp.full((b,), tc, jnp.int32) if cond_frames is None else jnp.asarray(cond_frames)

@@ -37,7 +37,7 @@ def _run(argv, capsys) -> dict:
 def test_jdit_tiny_config(capsys):
     out = _run(["--config", "configs/lavin_dit.py:demo"] + QUICK + TINY_JDIT, capsys)
     # rows: 8x8 latents / patch 2 = 16 tokens a frame; Lx 32 -> 2 episodes of 4 + 1 frames
-    assert out["batch_shapes"]["cond"] == [8, 128, 32] and out["batch_shapes"]["x"] == [8, 32, 32]
+    assert out["batch_shapes"]["cond"] == [8, 128, 64] and out["batch_shapes"]["x"] == [8, 32, 64]
     assert out["tokens_per_s"] == pytest.approx(out["steps_per_s"] * 8 * (128 + 32))
     assert out["objective"] == "flow" and "model/loss" in out["loss"]
 
@@ -64,7 +64,7 @@ def test_overrides_and_synthetic_rows():
     assert d.episodes_per_row * d.cond_frames * tpf <= want.cond_len
     # rows padded (segment 0) to exactly the configured lengths
     batch = next(bench_train.PadRows(make_iterator(cfg), d.cond_len, d.target_len))
-    assert batch["cond"].shape == (8, want.cond_len, 32)
+    assert batch["cond"].shape == (8, want.cond_len, 4 * cfg.model.in_channels)
     assert batch["x_pos"].shape == (8, want.target_len, 3)
     n = d.episodes_per_row * tpf
     assert (batch["x_seg"][:, :n] > 0).all() and (batch["x_seg"][:, n:] == 0).all()

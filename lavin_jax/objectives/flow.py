@@ -281,14 +281,7 @@ def _sample_packed(graphdef, state, packed, null, noise, grid, cfg_scale, *, met
             v = v_u + cfg_scale * (v - v_u)
         return v
 
-    def step(i, x):  # the integrators of flow.sample_ode, on tokens
-        t0, t1 = grid[i], grid[i + 1]
-        d0 = velocity(x, t0)
-        if method == "euler":
-            return x + (t1 - t0) * d0
-        return x + (t1 - t0) * 0.5 * (d0 + velocity(x + (t1 - t0) * d0, t1))
-
-    out = jax.lax.fori_loop(0, grid.shape[0] - 1, step, noise.astype(jnp.float32))
+    out = flow.integrate(velocity, noise, grid, method)
     if out_sharding is not None:
         out = jax.lax.with_sharding_constraint(out, out_sharding)
     return out
@@ -303,8 +296,7 @@ def sample_packed(model: nnx.Module, packed: dict[str, np.ndarray], noise: np.nd
     is the CFG null branch, used when given. Inputs are replicated over the model's mesh and
     the result too, so every process of a multi-host run makes the same calls and can read it.
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"sample.method={method!r}; use 'euler' or 'heun'")
+    flow.check_method(method)
     ts = flow.time_grid(num_steps, grid, shift)
     mesh = preview.module_mesh(model)
     args = preview.replicate(

@@ -103,7 +103,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[tuple[str, s
 
 
 def _spatial_compression(cfg: ml_collections.ConfigDict) -> int:
-    """The configured ST-VAE's, else 4 for the demo's 8 latent channels, else 8 (the release)."""
+    """The configured ST-VAE's, else 4 for the demo variant (the demo VAE), else 8 (the release)."""
     path = str(cfg.data.get("vae_checkpoint", "") or "")
     if path and path != "toy":
         try:
@@ -114,7 +114,7 @@ def _spatial_compression(cfg: ml_collections.ConfigDict) -> int:
             return STVAEConfig.from_config(meta).spatial_compression
         except (FileNotFoundError, KeyError, ValueError):
             pass
-    return 4 if int(cfg.model.in_channels) == 8 else 8
+    return 4 if cfg.get("variant") == "demo" else 8
 
 
 def synthetic_data(cfg: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
