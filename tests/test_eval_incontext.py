@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from helpers import TINY, tiny_eval_config
 
-from configs.lavin_dit import get_config
+from configs.lavin_dit import DEMO_TASKS, get_config
 from lavin_jax import eval_incontext, eval_periodic, evaluate
 from lavin_jax.data import episodes
 from lavin_jax.data.render import render_example
@@ -259,15 +259,15 @@ def test_cli_modes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "open_source", lambda cfg, name, split: src)
     base = ["--config=configs/lavin_dit.py:demo", f"--workdir={tmp_path}", "--num_examples=2",
             "--num_pairs=1"]
-    assert evaluate.main([*base, "--task=edges", "--task=foreground"]) == 0
+    assert evaluate.main([*base, "--task=edges", "--task=single_detection"]) == 0
     out = capsys.readouterr().out
-    assert "foreground (held out)" in out and json.loads(out.splitlines()[-1])["edges"][
+    assert "single_detection (held out)" in out and json.loads(out.splitlines()[-1])["edges"][
         "value"] == 1.0
     assert (tmp_path / "eval" / "edges" / "step_3.png").exists()
     assert evaluate.main([*base, "--task_identification"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"] == 1.0
     r = json.loads((tmp_path / "eval" / "task_identification" / "step_3.json").read_text())
-    assert len(r["tasks"]) == 7 and r["num_queries"] == 2
+    assert len(r["tasks"]) == len(DEMO_TASKS) and r["num_queries"] == 2
     assert evaluate.main([*base, "--task=depth", "--context_lengths=1,2"]) == 0
     assert "pairs" in capsys.readouterr().out
     r = json.loads((tmp_path / "eval" / "context_length" / "depth" / "step_3.json").read_text())

@@ -25,6 +25,7 @@ def sources():
 
 def small_config(mode="render", **over):
     cfg = get_config("demo")
+    cfg.model.in_channels = 8  # the ToyEncoder's (and the tiny VAEs') latent channels
     d = cfg.data
     d.mode = mode
     d.tasks = {"depth": 1.0, "colorization": 1.0, "foreground": 1.0, "video_depth": 0.5}

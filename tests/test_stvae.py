@@ -60,7 +60,7 @@ def _shapes(model, fn, shape):
 # -- config ----------------------------------------------------------------------------------
 
 def test_configs_build_and_validate():
-    for variant, (lat, s) in {"demo": (8, 4), "release": (16, 8)}.items():
+    for variant, (lat, s) in {"demo": (16, 4), "release": (16, 8)}.items():
         cfg = STVAEConfig.from_config(get_config(variant).model)
         assert (cfg.latent_channels, cfg.spatial_compression) == (lat, s)
         assert cfg.temporal_compression_ratio == 4
@@ -69,7 +69,7 @@ def test_configs_build_and_validate():
     assert (rel.latent_shift, rel.latent_scale) == (0.032470703125, 1.08936170213)
     assert rel.latent_shape(17, 256, 256) == (5, 32, 32, 16)
     assert STVAEConfig.from_config(get_config("demo").model).latent_shape(1, 64, 64) == (
-        1, 16, 16, 8)
+        1, 16, 16, 16)
     with pytest.raises(ValueError, match="unknown variant"):
         get_config("huge")
 
