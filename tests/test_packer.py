@@ -126,3 +126,22 @@ def test_pack_iterator_counts_bad_records_and_restores_exactly():
     it3 = iter(packed)
     eps = [int(e) for r in it3 for e in r["seg_episode"] if e >= 0]
     assert len(eps) == len(set(eps)) == 180
+
+
+def test_a_stream_of_only_unusable_records_is_a_clear_error(monkeypatch):
+    """E.g. latents with the wrong channel count: every record is bad; stop, do not spin."""
+    monkeypatch.setattr(packer, "MAX_BAD_RUN", 30)
+    items = [{"bad": "bad_shape", "pos": i, "detail": f"episode {i}: latents (3, 8, 8, 8)"}
+             for i in range(100)]
+    ds = grain.MapDataset.source(items).repeat()
+    spec = packer.RowSpec(cond_len=160, target_len=16, max_segments=6, token_dim=P * P * C)
+    it = iter(packer.PackIterDataset(ds.to_iter_dataset(), spec, lookahead=4,
+                                     lookup=ds.__getitem__))
+    with pytest.raises(ValueError, match=r"last 30 records were all unusable.*bad_shape.*"
+                                         r"episode 0: latents \(3, 8, 8, 8\).*in_channels"):
+        next(it)
+    # bad records between good ones are only counted (the test above): the run resets
+    ok = _stream(bad_every=2)
+    it = iter(packer.PackIterDataset(ok.to_iter_dataset(), spec, lookahead=4,
+                                     lookup=ok.__getitem__))
+    assert len(list(it)) > 0

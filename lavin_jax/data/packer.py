@@ -234,6 +234,9 @@ def assemble_row(items: Sequence[dict], spec: RowSpec) -> dict[str, np.ndarray]:
 # The Grain transform.
 
 
+MAX_BAD_RUN = 500  # consecutive unusable records that stop the pipeline with an error
+
+
 class PackIterDataset(grain.IterDataset):
     """Packs a stream of items (``episode_item`` dicts with a "pos" key, or ``{"bad": reason}``
     markers, which are counted and dropped) into rows (``assemble_row`` dicts).
@@ -267,6 +270,7 @@ class PackIterator(grain.DatasetIterator):
         self._buf: list[dict] = []
         self._exhausted = False
         self.bad: collections.Counter = collections.Counter()  # reason -> count
+        self._bad_run, self._first_bad = 0, ""  # consecutive unusable records, the first's detail
         self.rows = 0
         self.real_tokens = 0
         self.episodes = 0
@@ -291,7 +295,16 @@ class PackIterator(grain.DatasetIterator):
                     log.warning("skipping record at stream position %s: %s",
                                 item.get("pos"), item.get("detail", reason))
                 self.bad[str(reason)] += 1
+                self._bad_run += 1
+                self._first_bad = self._first_bad or str(item.get("detail", reason))
+                if self._bad_run >= MAX_BAD_RUN:  # a config error, not a few bad records
+                    raise ValueError(
+                        f"data: the last {self._bad_run} records were all unusable "
+                        f"({dict(self.bad)}; first: {self._first_bad}); check that "
+                        f"config.model.in_channels matches the encoder / latent cache and "
+                        f"that data.cond_len / target_len fit the episodes")
                 continue
+            self._bad_run, self._first_bad = 0, ""
             self._buf.append(item)
 
     def __next__(self) -> dict[str, np.ndarray]:
