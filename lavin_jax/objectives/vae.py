@@ -213,7 +213,7 @@ class VAEObjective:
         # its forward, backward and the adaptive weight's pullbacks cost ~40% of a demo step.
         zeros = lambda r: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         g_adv, w = jax.lax.cond(on > 0, gan_terms, zeros, x_rec)
-        loss = nll + o.kl_weight * kl + on * w * g_adv
+        loss = nll + o.kl_weight * kl + w * g_adv  # w = g_adv = 0 before disc_start
         logs = {**logs, "loss": loss, "nll": nll, "kl": kl, "kl_weighted": o.kl_weight * kl,
                 "g_adv": g_adv, "adaptive_weight": w, "disc_factor": on}
         return loss, (logs, {"recon": jax.lax.stop_gradient(x_rec)})
@@ -229,7 +229,7 @@ class VAEObjective:
         # Off before disc_start: nothing runs, the disc gets zero gradients (Adam idles).
         zeros = lambda x, r: (jnp.zeros((), jnp.float32),) * 3
         d, logits_real, logits_fake = jax.lax.cond(on > 0, terms, zeros, x, recon)
-        loss = on * d
+        loss = d  # 0 before disc_start (the cond)
         logs = {"loss": loss, "d_loss": d, "logits_real": logits_real,
                 "logits_fake": logits_fake, "disc_factor": on}
         return loss, (logs, {})
