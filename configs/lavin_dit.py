@@ -47,7 +47,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         dtype="float32" if arg in ("demo", "bench") else "bfloat16",
     ))
     cfg.flow = ml_collections.ConfigDict(dict(
-        time_shift=1.0,  # t' = t / (t + s (1 - t)); 1 = the release
+        # training t: logit_normal sigmoid(N(t_loc, t_scale)) (the release: 0, 1) | uniform
+        t_dist="logit_normal", t_loc=0.0, t_scale=1.0,
+        # t' = t / (t + s (1 - t)); 1 = the release. Demo: 3 -- the official 20-point grid
+        # spends 10 steps below t = 0.05, where logit-normal(0, 1) puts 0.2% of training t;
+        # measured on the demo (600 steps, same VAE and cache): task identification 0.70 ->
+        # 0.77, normals 33.9 -> 30.1 deg (uniform t: 0.75, 31.5 deg).
+        time_shift=3.0 if arg == "demo" else 1.0,
         l1_weight=0.1,  # released loss: MSE + 0.1 * L1 per example
         context_dropout=0.1,  # probability of the CFG null context
     ))

@@ -8,6 +8,7 @@ query latents stay clean.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,40 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
     return t / (t + shift * (1.0 - t))
 
 
-def sample_t(rng: jax.Array, shape: tuple[int, ...], shift: float = 1.0) -> jax.Array:
-    """Logit-normal timesteps: sigmoid(N(0, 1)), optionally shifted."""
-    return shift_time(jax.nn.sigmoid(jax.random.normal(rng, shape)), shift)
+T_DISTS = ("logit_normal", "uniform")
+
+
+class TimeDist(NamedTuple):
+    """How training draws t (config.flow keys t_dist, t_loc, t_scale, time_shift).
+
+    ``logit_normal``: sigmoid(N(loc, scale)), the release's (0, 1). It puts almost no weight
+    near t = 0, where the official 20-point grid spends half its steps; ``uniform`` trains
+    every t equally (small, short runs: the demo)."""
+    dist: str = "logit_normal"
+    loc: float = 0.0
+    scale: float = 1.0
+    shift: float = 1.0
+
+    @classmethod
+    def from_config(cls, flow_cfg) -> TimeDist:
+        f = dict(flow_cfg)
+        d = cls(str(f.get("t_dist", "logit_normal")), float(f.get("t_loc", 0.0)),
+                float(f.get("t_scale", 1.0)), float(f.get("time_shift", 1.0)))
+        if d.dist not in T_DISTS:
+            raise ValueError(f"config.flow.t_dist={d.dist!r}; use one of {list(T_DISTS)}")
+        if d.scale <= 0 or d.shift <= 0:
+            raise ValueError(f"config.flow.t_scale={d.scale} and config.flow.time_shift="
+                             f"{d.shift} must be > 0")
+        return d
+
+
+def sample_t(rng: jax.Array, shape: tuple[int, ...], dist: TimeDist = TimeDist()) -> jax.Array:
+    """Training timesteps in [0, 1] drawn from ``dist``, then shifted by ``dist.shift``."""
+    if dist.dist == "uniform":
+        t = jax.random.uniform(rng, shape)
+    else:
+        t = jax.nn.sigmoid(dist.loc + dist.scale * jax.random.normal(rng, shape))
+    return shift_time(t, dist.shift)
 
 
 def segment_loss(
@@ -59,14 +91,14 @@ def segment_loss(
 
 def packed_loss(
     model: nnx.Module, clean: packing.Packed, rng: jax.Array, *,
-    time_shift: float = 1.0, l1_weight: float = 0.1,
+    time_dist: TimeDist = TimeDist(), l1_weight: float = 0.1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Flow-matching loss on a packed batch whose ``x`` holds the clean target tokens.
 
     Draws one t per segment and Gaussian noise per token, noises only the target stream.
     """
     k_t, k_n = jax.random.split(rng)
-    t = sample_t(k_t, clean.t.shape, time_shift)  # [B, S]
+    t = sample_t(k_t, clean.t.shape, time_dist)  # [B, S]
     noise = jax.random.normal(k_n, clean.x.shape, jnp.float32)
     idx = jnp.clip(clean.x_seg - 1, 0, t.shape[1] - 1)
     t_tok = jnp.take_along_axis(t, idx, axis=1)[..., None]
@@ -102,14 +134,14 @@ def drop_context(
 
 def training_loss(
     model: nnx.Module, x: jax.Array, cond: jax.Array, rng: jax.Array, *,
-    time_shift: float = 1.0, l1_weight: float = 0.1, context_dropout: float = 0.0,
+    time_dist: TimeDist = TimeDist(), l1_weight: float = 0.1, context_dropout: float = 0.0,
     cond_frames: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Dense convenience: x [B, Tx, h, w, C] clean target latents, cond [B, Tc, h, w, C]."""
     k_drop, k_loss = jax.random.split(rng)
     cond, n = drop_context(k_drop, cond, context_dropout, cond_frames)
     clean = packing.pack_latents(x, jnp.zeros(x.shape[:1]), cond, model.cfg.patch_size, n)
-    return packed_loss(model, clean, k_loss, time_shift=time_shift, l1_weight=l1_weight)
+    return packed_loss(model, clean, k_loss, time_dist=time_dist, l1_weight=l1_weight)
 
 
 # ------------------------------------------------------------------------------------------

@@ -87,6 +87,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
     if cfg.objective.get("name") not in REGISTRY:
         errors.append(f"config.objective.name={cfg.objective.get('name')!r}; "
                       f"use one of {sorted(REGISTRY)}")
+    if cfg.objective.get("name") == "flow" and cfg.get("flow") is not None:
+        from lavin_jax import flow
+
+        _check(errors, lambda: flow.TimeDist.from_config(cfg.flow))
     init_from = str(cfg.get("init_from", "") or "")
     if init_from and not epath.Path(init_from).exists():
         errors.append(f"config.init_from={init_from!r} does not exist; point it at a params "

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -34,9 +35,25 @@ def test_logit_normal_t_and_shift():
     t = flow.sample_t(jax.random.key(0), (20000,))
     logit = np.log(t / (1 - t))
     assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
-    ts = flow.sample_t(jax.random.key(0), (20000,), shift=3.0)
+    ts = flow.sample_t(jax.random.key(0), (20000,), flow.TimeDist(shift=3.0))
     assert float(ts.mean()) < float(t.mean())  # shift > 1 moves mass towards noise
     np.testing.assert_allclose(flow.shift_time(jnp.array([0.0, 0.5, 1.0]), 3.0), [0, 0.25, 1])
+    lt = flow.sample_t(jax.random.key(1), (20000,), flow.TimeDist(loc=-0.5, scale=2.0))
+    logit = np.log(lt / (1 - lt))
+    assert abs(logit.mean() + 0.5) < 0.05 and abs(logit.std() - 2) < 0.05
+
+
+def test_uniform_t_and_time_dist_config():
+    t = np.asarray(flow.sample_t(jax.random.key(0), (20000,), flow.TimeDist("uniform")))
+    assert t.min() >= 0 and t.max() < 1
+    # a uniform histogram: every tenth of [0, 1] holds 10% +- 1%
+    np.testing.assert_allclose(np.histogram(t, 10, (0, 1))[0] / t.size, 0.1, atol=0.01)
+    cfg = ml_collections.ConfigDict(dict(time_shift=2.0, t_dist="uniform"))
+    assert flow.TimeDist.from_config(cfg) == flow.TimeDist("uniform", 0.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match=r"config.flow.t_dist='beta'.*logit_normal"):
+        flow.TimeDist.from_config(ml_collections.ConfigDict(dict(t_dist="beta")))
+    with pytest.raises(ValueError, match=r"config.flow.t_scale=0.0"):
+        flow.TimeDist.from_config(ml_collections.ConfigDict(dict(t_scale=0.0)))
 
 
 def test_time_grids():

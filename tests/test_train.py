@@ -193,6 +193,7 @@ def test_config_errors_are_one_line_each(tmp_path):
          "does not exist"),
         (lambda c: c.data.task_options.update(depth={"colour": 1}),
          "config.data.task_options.depth", "unknown option"),
+        (lambda c: c.flow.update(t_dist="beta"), "config.flow.t_dist='beta'", "uniform"),
     ]
     for change, start, fix in cases:
         cfg = _episodes_config(tmp_path)

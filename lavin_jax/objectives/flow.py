@@ -37,6 +37,7 @@ class FlowObjective:
         self.cfg = cfg
         self.model_cfg = JDiTConfig.from_config(cfg.model)
         self.flow_cfg = cfg.flow
+        self.time_dist = flow.TimeDist.from_config(cfg.flow)
         self.vae = None
         self._decoder: preview.LatentDecoder | None = None  # built on the first visualize
         self._task_frames: dict[int, tuple[int, int]] | None = None
@@ -75,7 +76,7 @@ class FlowObjective:
         packed = packing.Packed(**{k: batch[k] for k in packing.Packed._fields})
         loss, logs = flow.packed_loss(
             modules["model"], packed, rng,
-            time_shift=self.flow_cfg.time_shift, l1_weight=self.flow_cfg.l1_weight,
+            time_dist=self.time_dist, l1_weight=self.flow_cfg.l1_weight,
         )
         real = (jnp.sum(packed.cond_seg > 0) + jnp.sum(packed.x_seg > 0)) / (
             packed.cond_seg.size + packed.x_seg.size)
