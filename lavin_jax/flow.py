@@ -43,8 +43,8 @@ class TimeDist(NamedTuple):
     """How training draws t (config.flow keys t_dist, t_loc, t_scale, time_shift).
 
     ``logit_normal``: sigmoid(N(loc, scale)), the release's (0, 1). It puts almost no weight
-    near t = 0, where the official 20-point grid spends half its steps; ``uniform`` trains
-    every t equally (small, short runs: the demo)."""
+    near t = 0, where the official 20-point grid spends half its steps: short runs need a
+    shift > 1 (the demo's 3) or ``uniform``, which trains every t equally."""
     dist: str = "logit_normal"
     loc: float = 0.0
     scale: float = 1.0
