@@ -270,7 +270,9 @@ class PackIterator(grain.DatasetIterator):
         self._buf: list[dict] = []
         self._exhausted = False
         self.bad: collections.Counter = collections.Counter()  # reason -> count
-        self._bad_run, self._first_bad = 0, ""  # consecutive unusable records, the first's detail
+        # reasons of the current run of consecutive unusable records, and its first's detail
+        self._bad_run: collections.Counter = collections.Counter()
+        self._first_bad = ""
         self.rows = 0
         self.real_tokens = 0
         self.episodes = 0
@@ -295,16 +297,18 @@ class PackIterator(grain.DatasetIterator):
                     log.warning("skipping record at stream position %s: %s",
                                 item.get("pos"), item.get("detail", reason))
                 self.bad[str(reason)] += 1
-                self._bad_run += 1
+                self._bad_run[str(reason)] += 1
                 self._first_bad = self._first_bad or str(item.get("detail", reason))
-                if self._bad_run >= MAX_BAD_RUN:  # a config error, not a few bad records
+                run = sum(self._bad_run.values())
+                if run >= MAX_BAD_RUN:  # a config error, not a few bad records
                     raise ValueError(
-                        f"data: the last {self._bad_run} records were all unusable "
-                        f"({dict(self.bad)}; first: {self._first_bad}); check that "
+                        f"data: the last {run} records were all unusable "
+                        f"({dict(self._bad_run)}; first: {self._first_bad}); check that "
                         f"config.model.in_channels matches the encoder / latent cache and "
                         f"that data.cond_len / target_len fit the episodes")
                 continue
-            self._bad_run, self._first_bad = 0, ""
+            self._bad_run.clear()
+            self._first_bad = ""
             self._buf.append(item)
 
     def __next__(self) -> dict[str, np.ndarray]:
