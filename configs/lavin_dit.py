@@ -85,8 +85,8 @@ IMAGE_TASKS = ("depth", "normals", "panoptic", "detection", "pose", "edges", "co
 # The demo mixture (a 4-layer J-DiT, minutes on a CPU): dense maps, a mask, edges and one
 # restoration -- tasks whose 64 px targets the demo ST-VAE reconstructs well enough for their
 # metric. Measured through the demo VAE (its reconstruction of the clean target, decoded and
-# scored, i.e. the best any demo J-DiT could do): depth AbsRel 0.05, normals 15 deg, edges
-# ODS-F 0.90, foreground mIoU 0.76, low-light 20.7 dB -- but detection mAP 0, pose OKS-AP 0,
+# scored, i.e. the best any demo J-DiT could do): depth AbsRel 0.05, normals 10.7 deg, edges
+# ODS-F 0.92, foreground mIoU 0.77, low-light 22.0 dB -- but detection mAP 0, pose OKS-AP 0,
 # panoptic PQ 0.04 (1 px box outlines / limb sticks / per-segment random colours at 64 px do
 # not survive a few-minute VAE), so those train in the full configs, not the demo. Also left
 # out: restorations whose copy-the-input baseline is above what the demo VAE reconstructs
