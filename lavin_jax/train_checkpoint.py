@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -74,11 +75,18 @@ class DataRestore(ocp.args.CheckpointArgs):
         self.iterator = iterator
 
 
+def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
+    """``workdir/checkpoints`` as an absolute path (Orbax's readers reject relative local
+    paths; gs:// paths are already absolute)."""
+    p = epath.Path(workdir)
+    return (p if p.is_absolute() else p.absolute()) / "checkpoints"
+
+
 class RunCheckpointer:
     """Orbax CheckpointManager for a training run in ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = checkpoints_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -131,7 +139,7 @@ def restore_params(workdir: str, group: str, abstract: Any, *, step: int | None 
     ``abstract`` is the group's pure-dict param tree of ShapeDtypeStructs (optionally sharded),
     or a function of the run config dict returning it.
     """
-    directory = epath.Path(workdir) / "checkpoints"
+    directory = checkpoints_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints/ folder in {workdir} (train first)")
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}

@@ -147,7 +147,7 @@ def test_make_grid_layout():
 
 
 # ---- end to end ------------------------------------------------------------------------------
-def test_cli_on_tiny_checkpoint(setup, capsys):
+def test_cli_on_tiny_checkpoint(setup, capsys, monkeypatch):
     d = setup
     rc = sample.main([str(a) for a in _cli(d, "--batch_size=4", "--seed=3")])
     assert rc == 0, capsys.readouterr().err
@@ -172,7 +172,8 @@ def test_cli_on_tiny_checkpoint(setup, capsys):
     ck.save(7, {"step": np.int32(7), "params": {"model": zeros}, "ema": {"model": jp}}, None, cfg)
     ck.wait()
     ck.close()
-    model, _, step, which = sample.load_run(wd)
+    monkeypatch.chdir(d)  # a relative --workdir reads too (Orbax wants absolute paths)
+    model, _, step, which = sample.load_run("run")
     assert (step, which) == (7, "ema")
     got = _pure(model)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, jp)
