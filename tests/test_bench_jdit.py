@@ -13,7 +13,7 @@ from helpers import latents, tiny_jdit
 from lavin_jax import flow, packing
 from lavin_jax.models import attention as attn
 from lavin_jax.models.layers import matmul
-from lavin_jax.tools import bench_jdit
+from lavin_jax.tools import bench_copy, bench_jdit
 
 
 def test_bench_main_prints_json_last(capsys):
@@ -28,6 +28,22 @@ def test_bench_main_prints_json_last(capsys):
         assert key in out, key
     assert out["train_step_s"] > 0 and out["sample_s"] > 0 and out["peak_flops_per_s"] > 0
     assert out["hidden"] == 48 and out["dtype"] == "bf16" and np.isfinite(out["loss"])
+
+
+def test_copy_probe_prints_curve_and_learns(capsys):
+    """bench copy: a tiny J-DiT on the identity task; the one-step error from noise falls from
+    its value at init (the zero-initialised output layer predicts v = 0)."""
+    argv = ["bench", "--steps", "30", "--probe_every", "10", "--batch", "4", "--latent", "8",
+            "--config.model.hidden_size=48", "--config.model.depth=1",
+            "--config.model.num_heads=2", "--config.model.kv_group=1",
+            "--config.model.embed_bias_init=1.0", "--config.optim.lr=3e-3",
+            "--config.optim.warmup_steps=5"]
+    bench_copy.main(argv)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s for s, _ in out["one_step_mse"]] == [0, 10, 20, 30]
+    assert out["final_mse"] < out["one_step_mse"][0][1] and out["zero_mse"] > 0
+    with pytest.raises(SystemExit):
+        bench_copy.main(["bench", "--latent", "10"])
 
 
 def test_bench_rejects_bad_latent():

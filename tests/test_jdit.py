@@ -57,6 +57,20 @@ def test_head_dim_must_be_multiple_of_6():
         JDiTConfig(hidden_size=48, num_heads=4, attention_backend="flash").validate()
 
 
+def test_embed_bias_init():
+    """0 keeps the release's zero LayerNorm bias; a std draws each embedder's bias (independent
+    of the other's); a negative std is a config error."""
+    with nnx.use_eager_sharding(False):
+        zero = JDiT(JDiTConfig(**TINY), rngs=nnx.Rngs(0))
+        drawn = JDiT(JDiTConfig(**{**TINY, "embed_bias_init": 1.0}), rngs=nnx.Rngs(0))
+    assert not np.any(np.asarray(zero.x_embedder.norm.bias[...]))
+    bx = np.asarray(drawn.x_embedder.norm.bias[...])
+    bc = np.asarray(drawn.cond_embedder.norm.bias[...])
+    assert 0.5 < bx.std() < 1.5 and 0.5 < bc.std() < 1.5 and not np.allclose(bx, bc)
+    with pytest.raises(ValueError, match="embed_bias_init"):
+        JDiTConfig.from_config({**TINY, "embed_bias_init": -1.0})
+
+
 def _naive_attention(q, k, v, seg):
     """Per-head numpy attention; kv head for query head h is h // G (the official mapping)."""
     q, k, v, seg = (np.asarray(a, np.float64) for a in (q, k, v, seg))

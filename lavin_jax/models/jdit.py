@@ -49,6 +49,11 @@ class JDiTConfig:
     scan_layers: bool = True  # False: a Python loop (compile time grows with depth; CPU-friendly)
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # Std of the patch embedders' LayerNorm bias at init (0 = zeros, the release's init). A
+    # token-independent part of every token is what lets RoPE attention find "the same (row,
+    # col) in another frame" while the target tokens are still noise; grown from zero it takes
+    # hundreds of steps (demo copy probe: 0.74 -> 0.11 one-step error after 300 steps at 1.0).
+    embed_bias_init: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +100,8 @@ class JDiTConfig:
         if self.remat_policy not in REMAT_POLICIES:
             errs.append(f"model.remat_policy={self.remat_policy!r}; "
                         f"use one of {sorted(REMAT_POLICIES)}")
+        if not self.embed_bias_init >= 0:
+            errs.append(f"model.embed_bias_init={self.embed_bias_init} must be >= 0 (a std)")
         for f in ("param_dtype", "dtype"):
             try:
                 dtype_of(getattr(self, f))
@@ -226,7 +233,10 @@ class Embedder(nnx.Module):
         pd, dt = dtype_of(cfg.param_dtype), dtype_of(cfg.dtype)
         self.proj = Dense(cfg.token_dim, cfg.hidden_size, ("patch", "embed"),
                           param_dtype=pd, dtype=dt, rngs=rngs)
-        self.norm = LayerNorm(cfg.hidden_size, "embed", param_dtype=pd, rngs=rngs)
+        bias = (nnx.initializers.normal(cfg.embed_bias_init) if cfg.embed_bias_init
+                else nnx.initializers.zeros)
+        self.norm = LayerNorm(cfg.hidden_size, "embed", param_dtype=pd, bias_init=bias,
+                              rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return self.norm(self.proj(tokens))

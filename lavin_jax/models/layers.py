@@ -139,11 +139,12 @@ class LayerNorm(nnx.Module):
     """LayerNorm with affine scale and bias, f32 statistics (PyTorch default eps 1e-5)."""
 
     def __init__(
-        self, dim: int, name: str, *, eps: float = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs
+        self, dim: int, name: str, *, eps: float = 1e-5, param_dtype=jnp.float32,
+        bias_init=nnx.initializers.zeros, rngs: nnx.Rngs
     ):
         self.eps = eps
         self.scale = param(rngs, nnx.initializers.ones, (dim,), (name,), param_dtype)
-        self.bias = param(rngs, nnx.initializers.zeros, (dim,), (name,), param_dtype)
+        self.bias = param(rngs, bias_init, (dim,), (name,), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m lavin_jax.tools.bench {jdit,stvae,pipeline,train} [flags]``.
+"""Benchmarks: ``python -m lavin_jax.tools.bench {jdit,stvae,pipeline,train,copy} [flags]``.
 
 Each subcommand prints one JSON object with its figures on its last line.
 """
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "stvae": "lavin_jax.tools.bench_stvae",
     "pipeline": "lavin_jax.tools.bench_pipeline",
     "train": "lavin_jax.tools.bench_train",
+    "copy": "lavin_jax.tools.bench_copy",
 }
 
 
