@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.sample_every_steps = 0  # 0 = no sample grids
     cfg.keep_checkpoints = 3
     cfg.async_checkpointing = True
+    # Nice value of the async checkpoint writer's threads (0 = the step's priority): the write
+    # takes idle CPU rather than the step's (train_checkpoint.RunCheckpointer).
+    cfg.checkpoint_writer_nice = 19
     cfg.init_from = ""  # params-only checkpoint (lavin_jax.checkpoint format) to start from
     # Resume also restores the data position; False restarts the data (e.g. after a change of
     # process count, which the saved position cannot follow).

@@ -88,7 +88,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     data = make_iterator(cfg, objective)
     ckpt = RunCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints,
-                           async_save=cfg.async_checkpointing)
+                           async_save=cfg.async_checkpointing,
+                           writer_nice=cfg.get("checkpoint_writer_nice", 0))
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("resuming from %s step %d", ckpt.directory, latest)
