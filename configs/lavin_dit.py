@@ -45,6 +45,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         scan_layers=arg not in ("demo", "bench"),
         param_dtype="float32",
         dtype="float32" if arg in ("demo", "bench") else "bfloat16",
+        # Patch-embedder LayerNorm bias drawn N(0, 1) instead of zeros (JDiTConfig): the demo
+        # copy probe (`bench copy`, 300 steps) 0.74 -> 0.07; full configs keep the release's init.
+        embed_bias_init=1.0 if arg == "demo" else 0.0,
     ))
     cfg.flow = ml_collections.ConfigDict(dict(
         # training t: logit_normal sigmoid(N(t_loc, t_scale)) (the release: 0, 1) | uniform
@@ -82,7 +85,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 IMAGE_TASKS = ("depth", "normals", "panoptic", "detection", "pose", "edges", "colorization",
                "inpainting", "gaussian_deblur", "motion_deblur", "deraining", "denoising",
                "low_light", "depth_to_image", "normal_to_image", "pose_to_image")
-# The demo mixture (a 4-layer J-DiT, minutes on a CPU): dense maps, a mask, edges and one
+# The demo mixture (a 4-layer J-DiT, minutes on a CPU): dense maps, edges and one
 # restoration -- tasks whose 64 px targets the demo ST-VAE reconstructs well enough for their
 # metric. Measured through the demo VAE (its reconstruction of the clean target, decoded and
 # scored, i.e. the best any demo J-DiT could do): depth AbsRel 0.05, normals 10.7 deg, edges
@@ -90,8 +93,12 @@ IMAGE_TASKS = ("depth", "normals", "panoptic", "detection", "pose", "edges", "co
 # panoptic PQ 0.04 (1 px box outlines / limb sticks / per-segment random colours at 64 px do
 # not survive a few-minute VAE), so those train in the full configs, not the demo. Also left
 # out: restorations whose copy-the-input baseline is above what the demo VAE reconstructs
-# (inpainting 26.7 dB, deraining 27.7 dB; denoising, the deblurs and colorization are close).
-DEMO_TASKS = ("depth", "normals", "edges", "foreground", "low_light")
+# (inpainting 26.7 dB, deraining 27.7 dB; denoising, the deblurs and colorization are close),
+# and foreground: which object is the foreground is defined only by the context pairs (a shared
+# class), an in-context skill ~10 CPU-minutes of J-DiT do not reach (mIoU 0.01-0.02 against the
+# VAE's 0.77; predictions lack the object), and its dark predictions made edges unidentifiable
+# (BENCHMARKS.md "make demo"). It stays held out, as in the paper.
+DEMO_TASKS = ("depth", "normals", "edges", "low_light")
 VIDEO_TASKS = ("frame_prediction", "video_depth", "video_normals", "optical_flow",
                "video_segmentation", "depth_to_video", "normal_to_video")
 
@@ -112,8 +119,7 @@ def data_config(arg: str) -> ml_collections.ConfigDict:
         task_sources={},  # {task: source} overrides
         tasks=tasks,  # {task: weight}; task ids follow the sorted names
         # Tasks kept out of training, evaluated given only as context (as the paper's).
-        # (the demo trains foreground: a mask task its few-minute VAE reconstructs)
-        held_out_tasks=["single_detection"] if demo else ["foreground", "single_detection"],
+        held_out_tasks=["foreground", "single_detection"],
         task_options={},  # {task: {option: value}}
         # weights of N = 1..8 context pairs (demo: 1-3, short rows train faster on a CPU)
         pairs=[1.0] * 3 if demo else [1.0] * 8,

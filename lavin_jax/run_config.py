@@ -75,6 +75,9 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         if int(cfg.get(key, 0)) <= 0:
             errors.append(f"config.{key}={cfg.get(key)} must be a positive integer")
+    if not 0 <= int(cfg.get("checkpoint_writer_nice", 0)) <= 19:
+        errors.append(f"config.checkpoint_writer_nice={cfg.checkpoint_writer_nice} must be in "
+                      "0..19 (a Unix nice value; 0 = the step's priority)")
     mesh_ok = not _check(errors, lambda: sharding.mesh_shape(cfg, num_devices))
     _check(errors, lambda: sharding.logical_to_spec([r[0] for r in cfg.sharding.rules],
                                                     cfg.sharding.rules))

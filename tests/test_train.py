@@ -194,6 +194,9 @@ def test_config_errors_are_one_line_each(tmp_path):
         (lambda c: c.data.task_options.update(depth={"colour": 1}),
          "config.data.task_options.depth", "unknown option"),
         (lambda c: c.flow.update(t_dist="beta"), "config.flow.t_dist='beta'", "uniform"),
+        (lambda c: c.update(checkpoint_writer_nice=-5), "config.checkpoint_writer_nice=-5",
+         "0..19"),
+        (lambda c: c.model.update(embed_bias_init=-1.0), "model.embed_bias_init=-1.0", ">= 0"),
     ]
     for change, start, fix in cases:
         cfg = _episodes_config(tmp_path)
