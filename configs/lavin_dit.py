@@ -46,7 +46,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         param_dtype="float32",
         dtype="float32" if arg in ("demo", "bench") else "bfloat16",
         # Patch-embedder LayerNorm bias drawn N(0, 1) instead of zeros (JDiTConfig): the demo
-        # copy probe (`bench copy`, 300 steps) 0.74 -> 0.07; full configs keep the release's init.
+        # copy probe (`bench copy`, 300 steps) 0.28 -> 0.06; full configs keep the release's init.
         embed_bias_init=1.0 if arg == "demo" else 0.0,
     ))
     cfg.flow = ml_collections.ConfigDict(dict(

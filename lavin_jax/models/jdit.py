@@ -52,7 +52,7 @@ class JDiTConfig:
     # Std of the patch embedders' LayerNorm bias at init (0 = zeros, the release's init). A
     # token-independent part of every token is what lets RoPE attention find "the same (row,
     # col) in another frame" while the target tokens are still noise; grown from zero it takes
-    # hundreds of steps (demo copy probe: 0.74 -> 0.11 one-step error after 300 steps at 1.0).
+    # hundreds of steps (`bench copy`, demo config, 300 steps: one-step error 0.28 -> 0.06).
     embed_bias_init: float = 0.0
 
     @property
