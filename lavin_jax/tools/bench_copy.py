@@ -53,7 +53,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
 
 
 def smooth_latents(rng: jax.Array, n: int, side: int, channels: int, smooth: int) -> jax.Array:
-    """Unit-scale random fields, bilinearly upsampled by ``smooth``: [n, side, side, C]."""
+    """Gaussian fields bilinearly upsampled by ``smooth`` (x1.5 restores about the unit variance
+    the interpolation removes, like normalised VAE latents): [n, side, side, C]."""
     z = jax.random.normal(rng, (n, side // smooth, side // smooth, channels))
     return jax.image.resize(z, (n, side, side, channels), "linear") * 1.5
 
