@@ -1,6 +1,6 @@
-"""Multi-process evaluation logic without processes: disjoint example blocks, the gather of
-metric statistics (threads stand in for processes, a barrier for the all-gather), and a
-2-"process" evaluate() that writes once and equals the 1-process result."""
+"""Multi-process evaluation: disjoint example blocks, the gather of metric statistics (threads
+stand in for processes, a barrier for the all-gather), a 2-"process" evaluate() that writes once
+and equals the 1-process result, and the same with 2 real jax.distributed processes."""
 
 from __future__ import annotations
 
@@ -123,25 +123,62 @@ class Oracle:
         return np.stack([it[-1] for it in items])
 
 
-def test_two_process_evaluate_writes_once_and_matches_one_process(tmp_path, monkeypatch):
+def panoptic_oracle_eval(workdir) -> dict:
+    """evaluate() of panoptic on 5 in-memory examples with the oracle predictor: its report."""
     cfg = get_config("demo")
     cfg.data.sources = {"image": "mem_images", "video": "mem_clips"}
     cfg.data.resolutions = [RES]
     sources = {"mem_images": [render_example(s, RES) for s in range(6)]}
     s = evaluate.eval_settings(cfg, dict(num_examples=5, num_pairs=1, batch_size=2))
+    return evaluate.evaluate(cfg, str(workdir), ["panoptic"], jdit=None, vae=None, step=3,
+                             settings=s, sources=sources, predict=Oracle())["panoptic"]
 
-    def run(workdir):
-        return evaluate.evaluate(cfg, str(workdir), ["panoptic"], jdit=None, vae=None, step=3,
-                                 settings=s, sources=sources, predict=Oracle())
 
-    one = run(tmp_path / "one")["panoptic"]
+def test_two_process_evaluate_writes_once_and_matches_one_process(tmp_path, monkeypatch):
+    one = panoptic_oracle_eval(tmp_path / "one")
     hosts = FakeHosts(2)
     monkeypatch.setattr(distributed, "process_info", lambda: (hosts.index(), 2))
     monkeypatch.setattr(distributed, "_default_allgather", lambda: hosts.allgather)
-    two = hosts.run(lambda i: run(tmp_path / f"two{i}")["panoptic"])
+    two = hosts.run(lambda i: panoptic_oracle_eval(tmp_path / f"two{i}"))
     for r in two:
         assert r["num_examples"] == 5 and r["settings"]["processes"] == 2
         assert r["metrics"] == one["metrics"] and r["baseline"] == one["baseline"]
     assert report.read_report(tmp_path / "two0" / "eval" / "panoptic" / "step_3.json")
     assert (tmp_path / "two0" / "eval" / "panoptic" / "step_3.png").exists()
+    assert not (tmp_path / "two1").exists()  # only process 0 writes
+
+
+def test_real_two_processes_evaluate_like_one(tmp_path):
+    """The same evaluation in 2 real processes (jax.distributed on 127.0.0.1, gloo): each
+    evaluates its block, the statistics are all-gathered, process 0 alone writes (~6 s)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    one = panoptic_oracle_eval(tmp_path / "one")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(tests, "eval_2proc_driver.py"), f"127.0.0.1:{port}",
+         str(i), str(tmp_path / f"two{i}"), str(tmp_path / f"out{i}.json")],
+        cwd=os.path.dirname(tests), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    for i in range(2):
+        r = json.loads((tmp_path / f"out{i}.json").read_text())
+        assert r["num_examples"] == 5 and r["processes"] == 2
+        assert r["metrics"] == one["metrics"] and r["baseline"] == one["baseline"]
+    assert report.read_report(tmp_path / "two0" / "eval" / "panoptic" / "step_3.json")
     assert not (tmp_path / "two1").exists()  # only process 0 writes
