@@ -92,13 +92,13 @@ def lower_thread_priority(nice: int) -> None:
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
     tids = [threading.get_native_id()]
-    try:
-        for tid in os.listdir("/proc/self/task"):
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+        try:  # a thread may exit while we look
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if f.read().strip() == "ts_pool_worker":
                     tids.append(int(tid))
-    except OSError:
-        pass
+        except OSError:
+            pass
     for tid in tids:
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) < nice:
