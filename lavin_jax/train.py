@@ -87,9 +87,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from lavin_jax.data.batches import make_iterator  # data deps load only when training
 
     data = make_iterator(cfg, objective)
-    ckpt = RunCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints,
-                           async_save=cfg.async_checkpointing,
-                           writer_nice=cfg.get("checkpoint_writer_nice", 0))
+    ckpt = RunCheckpointer.from_config(workdir, cfg)
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("resuming from %s step %d", ckpt.directory, latest)

@@ -138,6 +138,15 @@ class RunCheckpointer:
             options=options,
         )
 
+    @classmethod
+    def from_config(cls, workdir: str, cfg: ml_collections.ConfigDict,
+                    max_to_keep: int | None = None) -> RunCheckpointer:
+        """The run's checkpointer as the config sets it (keep_checkpoints,
+        async_checkpointing, checkpoint_writer_nice)."""
+        keep = cfg.get("keep_checkpoints", 3) if max_to_keep is None else max_to_keep
+        return cls(workdir, max_to_keep=keep, async_save=cfg.get("async_checkpointing", True),
+                   writer_nice=cfg.get("checkpoint_writer_nice", 0))
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -152,30 +152,15 @@ def test_real_two_processes_evaluate_like_one(tmp_path):
     """The same evaluation in 2 real processes (jax.distributed on 127.0.0.1, gloo): each
     evaluates its block, the statistics are all-gathered, process 0 alone writes (~6 s)."""
     import json
-    import os
-    import socket
-    import subprocess
     import sys
 
+    from test_multiprocess import REPO, _free_port, _launch
+
     one = panoptic_oracle_eval(tmp_path / "one")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    procs = [subprocess.Popen(
-        [sys.executable, os.path.join(tests, "eval_2proc_driver.py"), f"127.0.0.1:{port}",
-         str(i), str(tmp_path / f"two{i}"), str(tmp_path / f"out{i}.json")],
-        cwd=os.path.dirname(tests), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    port = _free_port()
+    _launch([[sys.executable, f"{REPO}/tests/eval_2proc_driver.py", f"127.0.0.1:{port}", str(i),
+              str(tmp_path / f"two{i}"), str(tmp_path / f"out{i}.json")] for i in range(2)],
+            [str(tmp_path / f"proc{i}.log") for i in range(2)], devices=1)
     for i in range(2):
         r = json.loads((tmp_path / f"out{i}.json").read_text())
         assert r["num_examples"] == 5 and r["processes"] == 2

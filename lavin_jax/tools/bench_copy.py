@@ -27,7 +27,7 @@ from flax import nnx
 from lavin_jax import flow, optim
 from lavin_jax.models.jdit import JDiT, JDiTConfig
 from lavin_jax.tools.bench_jdit import load_config
-from lavin_jax.tools.bench_train import apply_overrides
+from lavin_jax.tools.bench_train import apply_overrides, parse_with_overrides
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
@@ -40,13 +40,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     p.add_argument("--latent", type=int, default=16, help="latent side (square)")
     p.add_argument("--smooth", type=int, default=4, help="latent side / random-field side")
     p.add_argument("--probe_every", type=int, default=50)
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for a in rest:
-        if not a.startswith("--config.") or "=" not in a:
-            p.error(f"unrecognized argument {a!r} (overrides are --config.KEY=VALUE)")
-        key, _, value = a[len("--config."):].partition("=")
-        overrides.append((key, value))
+    args, overrides = parse_with_overrides(p, argv)
     if args.latent % args.smooth:
         p.error(f"--latent={args.latent} must be a multiple of --smooth={args.smooth}")
     return args, overrides

@@ -72,6 +72,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
                    help="synthetic J-DiT latent side (default: data.resolutions[0] / VAE 4x or 8x)")
     p.add_argument("--frames", type=int, default=1, help="synthetic ST-VAE clip frames")
     p.add_argument("--workdir", default="", help="checkpoint folder (default: a temporary one)")
+    return parse_with_overrides(p, argv)
+
+
+def parse_with_overrides(p: argparse.ArgumentParser, argv: list[str]
+                         ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """``p``'s flags, plus every ``--config.KEY=VALUE`` as (KEY, VALUE); anything else is a
+    usage error."""
     args, rest = p.parse_known_args(argv)
     overrides = []
     for a in rest:
@@ -287,8 +294,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     baseline = [r.waited() for _ in range(args.baseline_steps)]
     base = tuple(statistics.median(t[i] for t in baseline) for i in (0, 1))
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
-    ckpt = RunCheckpointer(workdir, max_to_keep=2, async_save=cfg.async_checkpointing,
-                           writer_nice=cfg.get("checkpoint_writer_nice", 0))
+    ckpt = RunCheckpointer.from_config(workdir, cfg, max_to_keep=2)
     try:
         saves = time_saves(r, ckpt, base, args.saves, args.max_overlap)
     finally:
