@@ -28,9 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.sample_every_steps = 0  # 0 = no sample grids
     cfg.keep_checkpoints = 3
     cfg.async_checkpointing = True
-    # Nice value of the async checkpoint writer's threads (0 = the step's priority): the write
-    # takes idle CPU rather than the step's (train_checkpoint.RunCheckpointer).
-    cfg.checkpoint_writer_nice = 19
+    # CPU priority of the async checkpoint writer's threads: "normal", "low" (nice 19) or
+    # "idle" (SCHED_IDLE): the write takes idle CPU rather than the step's. Snapshot: copy the
+    # state on its devices and let training run on while the save is issued; None (unset) = on
+    # CPU hosts only (train_checkpoint.RunCheckpointer).
+    cfg.checkpoint_writer_priority = "idle"
+    cfg.checkpoint_snapshot = ml_collections.config_dict.placeholder(bool)
     cfg.init_from = ""  # params-only checkpoint (lavin_jax.checkpoint format) to start from
     # Resume also restores the data position; False restarts the data (e.g. after a change of
     # process count, which the saved position cannot follow).
@@ -75,9 +78,14 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         if int(cfg.get(key, 0)) <= 0:
             errors.append(f"config.{key}={cfg.get(key)} must be a positive integer")
-    if not 0 <= int(cfg.get("checkpoint_writer_nice", 0)) <= 19:
-        errors.append(f"config.checkpoint_writer_nice={cfg.checkpoint_writer_nice} must be in "
-                      "0..19 (a Unix nice value; 0 = the step's priority)")
+    from lavin_jax.train_checkpoint import WRITER_PRIORITIES
+
+    if cfg.get("checkpoint_writer_priority", "normal") not in WRITER_PRIORITIES:
+        errors.append(f"config.checkpoint_writer_priority={cfg.checkpoint_writer_priority!r} "
+                      f"must be one of {', '.join(WRITER_PRIORITIES)}")
+    if cfg.get("checkpoint_snapshot") not in (None, True, False):
+        errors.append(f"config.checkpoint_snapshot={cfg.checkpoint_snapshot!r} must be True, "
+                      "False or unset (None: on CPU hosts)")
     mesh_ok = not _check(errors, lambda: sharding.mesh_shape(cfg, num_devices))
     _check(errors, lambda: sharding.logical_to_spec([r[0] for r in cfg.sharding.rules],
                                                     cfg.sharding.rules))

@@ -8,6 +8,7 @@ The same code runs on one CPU, a GPU box or a TPU pod slice.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -121,6 +122,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preemption = Preemption()
     tokens_fn = getattr(objective, "tokens_per_batch", None)
     t_last, steps_last, tokens_acc, metrics, history = time.time(), step, 0, {}, []
+    freeze_heap()
 
     with sharding.use_rules(mesh, rules):
         while step < cfg.total_steps:
@@ -168,11 +170,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 _all_finite = jax.jit(train_state.all_finite)
 
 
+def freeze_heap() -> None:
+    """Takes every object alive now (modules, model, compiled steps: ~0.6M) out of the cyclic
+    GC's sight. A full collection over them took ~0.35 s with the GIL held, every few
+    checkpoint saves (their Python garbage triggers it), stalling the loop; what the loop
+    allocates from here on is still collected."""
+    gc.collect()
+    gc.freeze()
+
+
 def _save(ckpt: RunCheckpointer, step: int, state, data, cfg) -> None:
-    if not bool(jax.device_get(_all_finite(state["params"]))):
-        log.error("step %d: parameters are not finite; checkpoint NOT written", step)
-        return
-    ckpt.save(step, state, data, cfg, force=True)
+    # The finiteness flag is dispatched, not waited for: the checkpointer reads it before
+    # writing, so a non-finite state is never checkpointed.
+    ckpt.save(step, state, data, cfg, force=True, finite=_all_finite(state["params"]))
 
 
 def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:

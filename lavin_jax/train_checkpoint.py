@@ -8,7 +8,6 @@ complete steps behind; restart resumes from the newest complete one.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -52,7 +52,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     """Saves ``iterator.get_state()`` as JSON, one file per process."""
 
     def save(self, directory: epath.Path, args: DataSave) -> None:
-        (directory / _state_name()).write_text(json.dumps(args.iterator.get_state()))
+        (directory / _state_name()).write_text(json.dumps(args.state))
 
     def restore(self, directory: epath.Path, args: DataRestore) -> Any:
         check_data_state(directory)
@@ -68,8 +68,10 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 class DataSave(ocp.args.CheckpointArgs):
+    """The iterator's position now (the save may be written later, after it moved on)."""
+
     def __init__(self, iterator: Any):
-        self.iterator = iterator
+        self.state = iterator.get_state()
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -85,11 +87,18 @@ def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
     return (p if p.is_absolute() else p.absolute()) / "checkpoints"
 
 
-def lower_thread_priority(nice: int) -> None:
-    """Raises the calling thread's nice value to ``nice`` (Linux: per thread, inherited by the
-    threads it starts); also every existing tensorstore worker thread's, which Orbax writes
-    with. Best effort: a no-op where the OS does not allow it."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
+WRITER_PRIORITIES = ("normal", "low", "idle")
+
+
+def lower_thread_priority(priority: str) -> None:
+    """Lowers the calling thread's CPU priority (Linux: per thread, inherited by the threads it
+    starts), and every existing tensorstore worker thread's, which Orbax writes with.
+
+    ``low``: nice 19. ``idle``: SCHED_IDLE, i.e. the thread runs only on CPU time no normal
+    thread wants (a waking train-step thread preempts it at once; nice 19 still gets a share).
+    Best effort: a no-op where the OS does not allow it.
+    """
+    if priority == "normal" or not hasattr(os, "setpriority"):
         return
     tids = [threading.get_native_id()]
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
@@ -101,31 +110,52 @@ def lower_thread_priority(nice: int) -> None:
             pass
     for tid in tids:
         try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            if os.getpriority(os.PRIO_PROCESS, tid) < 19:
+                os.setpriority(os.PRIO_PROCESS, tid, 19)
+            if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except OSError:
             pass
+
+
+@jax.jit
+def _device_copy(tree: Any) -> Any:
+    # jnp.copy is kept by XLA (new buffers, the operands' shardings), unlike an identity.
+    return jax.tree.map(jnp.copy, tree)
 
 
 class RunCheckpointer:
     """Orbax CheckpointManager for a training run in ``workdir/checkpoints``.
 
-    ``writer_nice`` > 0: saves are issued from one dedicated thread at that nice value, so
-    Orbax's background threads (started by the save) and tensorstore's workers serialise and
-    compress at low CPU priority: an async write uses the cores the train step leaves idle
-    instead of slowing the step (a saturated few-core host; on TPU/GPU hosts it costs nothing).
-    The call still returns only after the state is copied to host, so the next (donating)
-    step cannot free buffers the save reads.
+    A save has three parts, so the train step is held up as little as possible:
+    1. the caller's thread captures the data position and the config and, with ``snapshot``,
+       dispatches a copy of the state on its own devices (an async XLA copy; the next step may
+       then donate the originals);
+    2. the writer thread (one, at ``writer_priority``) reads the finiteness flag (a non-finite
+       state is never written) and runs Orbax's save call (device-to-host copy, metadata);
+    3. Orbax's async commit serialises, writes and renames the step directory.
+    With ``snapshot`` the caller returns after 1 and training runs on while 2 and 3 proceed;
+    without it the caller waits for 2 (the next, donating step must not free buffers the save
+    still reads). Snapshots cost one state copy of device memory until Orbax has read it: the
+    default on CPU hosts, where Orbax copies to that same memory anyway. A ``low``/``idle``
+    writer priority lets the write take only the CPU the step leaves idle (a saturated
+    few-core host; on TPU/GPU hosts it costs nothing either way).
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
-                 writer_nice: int = 0):
+                 writer_priority: str = "normal", snapshot: bool = False):
+        if writer_priority not in WRITER_PRIORITIES:
+            raise ValueError(f"writer_priority={writer_priority!r}: use one of "
+                             f"{WRITER_PRIORITIES}")
         self.directory = checkpoints_dir(workdir)
+        self.snapshot = snapshot and async_save
+        self.writer_priority = writer_priority if async_save else "normal"
         self._writer = None
-        if writer_nice > 0 and async_save:
+        self._pending: list[concurrent.futures.Future] = []
+        if async_save and (writer_priority != "normal" or self.snapshot):
             self._writer = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="ckpt_writer", initializer=lower_thread_priority,
-                initargs=(writer_nice,))
+                initargs=(writer_priority,))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -141,29 +171,70 @@ class RunCheckpointer:
     @classmethod
     def from_config(cls, workdir: str, cfg: ml_collections.ConfigDict,
                     max_to_keep: int | None = None) -> RunCheckpointer:
-        """The run's checkpointer as the config sets it (keep_checkpoints,
-        async_checkpointing, checkpoint_writer_nice)."""
+        """The run's checkpointer as the config sets it (keep_checkpoints, async_checkpointing,
+        checkpoint_writer_priority, checkpoint_snapshot: None = on when the devices are the
+        host's CPUs)."""
         keep = cfg.get("keep_checkpoints", 3) if max_to_keep is None else max_to_keep
+        snapshot = cfg.get("checkpoint_snapshot")
+        if snapshot is None:
+            snapshot = all(d.platform == "cpu" for d in jax.devices())
         return cls(workdir, max_to_keep=keep, async_save=cfg.get("async_checkpointing", True),
-                   writer_nice=cfg.get("checkpoint_writer_nice", 0))
+                   writer_priority=cfg.get("checkpoint_writer_priority", "normal"),
+                   snapshot=bool(snapshot))
 
     def latest_step(self) -> int | None:
+        self._drain()
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, iterator: Any | None, cfg: ml_collections.ConfigDict,
-             *, force: bool = False) -> bool:
-        items = {
-            "state": ocp.args.StandardSave(state),
-            "config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort())),
-        }
+             *, force: bool = False, finite: Any = None) -> concurrent.futures.Future:
+        """Saves ``state`` as step ``step`` (see the class doc for what runs where).
+
+        ``finite``: a scalar bool array (e.g. dispatched, not yet computed); when False the
+        step is not written (logged). Returns a future of whether it was written: done unless
+        ``snapshot``. An error of an earlier background save is raised here.
+        """
+        self._raise_failed()
+        items = {"config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
         if iterator is not None:
             items["data"] = DataSave(iterator)
-        save = functools.partial(self.manager.save, step, args=ocp.args.Composite(**items),
-                                 force=force)
-        return self._writer.submit(save).result() if self._writer else save()
+        if self.snapshot:
+            state = _device_copy(state)
+
+        def write() -> bool:
+            if finite is not None and not bool(jax.device_get(finite)):
+                log.error("step %d: parameters are not finite; checkpoint NOT written", step)
+                return False
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), **items), force=force)
+
+        if self._writer is None:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(write())
+            return done
+        future = self._writer.submit(write)
+        if not self.snapshot:
+            future.result()
+        self._pending.append(future)
+        return future
+
+    def saving(self) -> bool:
+        """Whether a save is still being issued or written."""
+        return (any(not f.done() for f in self._pending)
+                or self.manager.is_saving_in_progress())
+
+    def _raise_failed(self) -> None:
+        for f in [f for f in self._pending if f.done()]:
+            self._pending.remove(f)
+            f.result()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> Any:
         """The train state of ``step``; ``iterator`` (if given) is set to its saved position."""
+        self._drain()
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
             check_data_state(self.directory / str(step) / "data")  # before reading the state
@@ -175,12 +246,17 @@ class RunCheckpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
+        """Until every save is issued and written (errors raised)."""
+        self._drain()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
-        if self._writer:
-            self._writer.shutdown()
+        try:
+            self._drain()
+        finally:
+            self.manager.close()
+            if self._writer:
+                self._writer.shutdown()
 
 
 def restore_params(workdir: str, group: str, abstract: Any, *, step: int | None = None,

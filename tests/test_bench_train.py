@@ -18,7 +18,7 @@ TINY_VAE = ["--config.model.block_out_channels=(8, 16)", "--config.model.latent_
             "--config.model.tile_sample_frames=3", "--config.objective.disc.channels=8",
             "--config.objective.disc.n_layers=2",
             "--config.data.global_batch=8", "--config.data.image_size=16"]
-QUICK = ["--steps", "2", "--warmup", "0", "--baseline_steps", "2", "--saves", "1"]
+QUICK = ["--steps", "2", "--warmup", "0", "--settle", "2", "--saves", "1"]
 KEYS = ("steps_per_s", "tokens_per_s", "step_s", "step_cpu_s", "checkpoint_save_call_s",
         "checkpoint_write_s", "checkpoint_overlap_steps")
 
@@ -30,6 +30,8 @@ def _run(argv, capsys) -> dict:
     for k in KEYS:
         assert last[k] > 0, k
     assert isinstance(last["checkpoint_stall_fraction"], float)  # noise may make it < 0
+    assert len(last["checkpoint_stall_fractions"]) == last["saves"]
+    assert last["checkpoint_writer_priority"] == "idle" and last["checkpoint_snapshot"] is True
     assert last["data_kind"] == "synthetic"
     return last
 

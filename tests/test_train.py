@@ -194,8 +194,8 @@ def test_config_errors_are_one_line_each(tmp_path):
         (lambda c: c.data.task_options.update(depth={"colour": 1}),
          "config.data.task_options.depth", "unknown option"),
         (lambda c: c.flow.update(t_dist="beta"), "config.flow.t_dist='beta'", "uniform"),
-        (lambda c: c.update(checkpoint_writer_nice=-5), "config.checkpoint_writer_nice=-5",
-         "0..19"),
+        (lambda c: c.update(checkpoint_writer_priority="lowest"),
+         "config.checkpoint_writer_priority='lowest'", "idle"),
         (lambda c: c.model.update(embed_bias_init=-1.0), "model.embed_bias_init=-1.0", ">= 0"),
     ]
     for change, start, fix in cases:
@@ -328,25 +328,3 @@ def test_jit_step_donates_and_keeps_shardings():
     assert new["opt"]["model"][1][0].mu["blocks"]["x"]["up"]["kernel"].sharding.spec == \
         kernel.sharding.spec
     assert jnp.issubdtype(new["step"].dtype, jnp.integer)
-
-
-def test_checkpoint_writer_runs_at_its_nice_value(tmp_path):
-    """Saves are issued from a thread at config.checkpoint_writer_nice (Orbax's async threads
-    inherit it), and what they write restores unchanged."""
-    import threading
-
-    from lavin_jax.train_checkpoint import RunCheckpointer
-
-    cfg = ml_collections.ConfigDict({"x": 1})
-    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
-    own_nice = lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # noqa: E731
-    before = own_nice()
-    ck = RunCheckpointer(str(tmp_path), writer_nice=7)
-    assert ck._writer.submit(own_nice).result() >= 7
-    assert own_nice() == before  # the training thread keeps its priority
-    assert ck.save(3, state, None, cfg)
-    ck.wait()
-    got = ck.restore(3, jax.tree.map(jnp.zeros_like, state), None)
-    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(state["w"]))
-    ck.close()
-    assert RunCheckpointer(str(tmp_path), writer_nice=0)._writer is None

@@ -17,15 +17,18 @@ Figures:
   does (next batch read while the step runs), from the first dispatch to the last result.
   Tokens: real J-DiT tokens of both streams (objective.tokens_per_batch); for the ST-VAE,
   latent positions (T' x h x w per clip).
-- checkpoint stall: per-step times with each step waited for, first without a save (baseline
-  median ``step_s``), then right after a save was issued, until the async write finished.
+- checkpoint stall: per-step times with each step waited for: a save as the trainer issues it
+  and the steps after it until the async write finished, bracketed by ``--settle`` steps
+  without a save before and after (that save's baseline: a shared host drifts; ``step_s`` is
+  the median baseline over saves).
   ``checkpoint_stall_s`` = the save call's own time + the extra time of the steps overlapping
   the write; ``checkpoint_stall_fraction`` = that / (overlapping steps x step_s), i.e. how much
   slower training runs while a save is in flight (goal <= 5%); ``checkpoint_stall_steps`` =
   stall / step_s (steps lost per save); ``checkpoint_stall_amortized`` = stall / (the config's
   checkpoint_every_steps x step_s), the share of all training time. Median over ``--saves``
-  saves, after one untimed save (``checkpoint_first_save_call_s``: it compiles the finiteness
-  check and sets Orbax up).
+  saves (``checkpoint_stall_fractions``: each save's), after one untimed save
+  (``checkpoint_first_save_s``: it compiles the finiteness check and the snapshot copy and
+  sets Orbax up).
   The same in process CPU seconds (``step_cpu_s``, ``checkpoint_stall_cpu_*``: the CPU work
   the save adds, all threads), the figure a shared, loaded host does not blur; the host's
   1-minute load average is reported with them.
@@ -65,8 +68,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     p.add_argument("--data", choices=("synthetic", "config"), default="synthetic")
     p.add_argument("--steps", type=int, default=10, help="timed steps (throughput)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
-    p.add_argument("--baseline_steps", type=int, default=5, help="waited-for steps, no save")
-    p.add_argument("--saves", type=int, default=2, help="checkpoint saves timed")
+    p.add_argument("--settle", type=int, default=3,
+                   help="waited-for steps without a save before and after each timed save (its "
+                        "baseline)")
+    p.add_argument("--saves", type=int, default=5, help="checkpoint saves timed")
     p.add_argument("--max_overlap", type=int, default=50, help="steps timed after a save, at most")
     p.add_argument("--latent_size", type=int, default=None,
                    help="synthetic J-DiT latent side (default: data.resolutions[0] / VAE 4x or 8x)")
@@ -229,39 +234,55 @@ class Runner:
         jax.block_until_ready(self.state)
         return time.perf_counter() - t0, time.process_time() - c0
 
+    def paced(self) -> tuple[float, float]:
+        """One step as the train loop runs them: dispatch the next step, then wait for the one
+        before it (one step always queued, so host-side work overlaps a running step).
+        Returns (wall s, process CPU s) since the previous call returned (``waited`` first)."""
+        prev = self.metrics
+        self.run()
+        jax.block_until_ready(prev)
+        now = time.perf_counter(), time.process_time()
+        last, self._last = getattr(self, "_last", now), now
+        return now[0] - last[0], now[1] - last[1]
 
-def time_saves(r: Runner, ckpt: RunCheckpointer, base: tuple[float, float], saves: int,
-               max_overlap: int) -> list[dict[str, float]]:
-    """Per save: its call, write and overlap times and the stall (wall and process CPU)."""
-    out = []
+
+def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
+               settle: int) -> list[dict[str, float]]:
+    """Per save: its call, write and overlap times and the stall (wall and process CPU), each
+    against the median of the ``settle`` steps just before and just after it (a shared host
+    drifts). Steps are ``Runner.paced``: the save is issued between two steps as the trainer
+    does, and its call's time falls into the next step's."""
     t0 = time.perf_counter()  # the first save compiles the finiteness check and sets Orbax up
     train._save(ckpt, r.step, r.state, r.data, r.cfg)
-    first = time.perf_counter() - t0
     ckpt.wait()
-    r.waited()
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     bool(jax.device_get(train._all_finite(r.state["params"])))
     check = time.perf_counter() - t0
+    r.paced()
+    after = [r.paced() for _ in range(settle)]
+    out = []
     for _ in range(saves):
-        t0, c0 = time.perf_counter(), time.process_time()
+        before = after
+        t0 = time.perf_counter()
         train._save(ckpt, r.step, r.state, r.data, r.cfg)
-        call, call_cpu = time.perf_counter() - t0, time.process_time() - c0
+        call = time.perf_counter() - t0
         steps = []
-        while not steps or (ckpt.manager.is_saving_in_progress() and len(steps) < max_overlap):
-            steps.append(r.waited())
+        while not steps or (ckpt.saving() and len(steps) < max_overlap):
+            steps.append(r.paced())
         written = time.perf_counter() - t0
-        capped = ckpt.manager.is_saving_in_progress()  # the stall then misses the write's rest
+        capped = ckpt.saving()  # the stall then misses the write's rest
         ckpt.wait()
+        after = [r.paced() for _ in range(settle + 1)][1:]  # the first may hold wait()'s time
+        base = tuple(statistics.median(t[i] for t in before + after) for i in (0, 1))
         n = len(steps)
-        stall = call + sum(w for w, _ in steps) - n * base[0]
-        stall_cpu = call_cpu + sum(c for _, c in steps) - n * base[1]
-        out.append(dict(save_call_s=call, write_s=written, overlap_steps=n,
-                        stall_s=stall, stall_fraction=stall / (n * base[0]),
-                        stall_cpu_s=stall_cpu, stall_cpu_fraction=stall_cpu / (n * base[1]),
-                        first_save_call_s=first, finite_check_s=check,
-                        write_capped=capped))
-        for _ in range(2):  # let the machine settle before the next save
-            r.waited()
+        stall = sum(w for w, _ in steps) - n * base[0]
+        stall_cpu = sum(c for _, c in steps) - n * base[1]
+        out.append(dict(save_call_s=call, write_s=written, overlap_steps=n, base_s=base[0],
+                        base_cpu_s=base[1], stall_s=stall, stall_fraction=stall / (n * base[0]),
+                        stall_steps=stall / base[0], stall_cpu_s=stall_cpu,
+                        stall_cpu_fraction=stall_cpu / (n * base[1]),
+                        first_save_s=first, finite_check_s=check, write_capped=capped))
     return out
 
 
@@ -282,6 +303,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         r.waited()
+    train.freeze_heap()  # as the trainer does before its loop
 
     tokens = 0
     t0 = time.perf_counter()
@@ -291,12 +313,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     dt = time.perf_counter() - t0
     loss = {k: float(v) for k, v in jax.device_get(r.metrics).items() if k.endswith("/loss")}
 
-    baseline = [r.waited() for _ in range(args.baseline_steps)]
-    base = tuple(statistics.median(t[i] for t in baseline) for i in (0, 1))
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
     ckpt = RunCheckpointer.from_config(workdir, cfg, max_to_keep=2)
     try:
-        saves = time_saves(r, ckpt, base, args.saves, args.max_overlap)
+        saves = time_saves(r, ckpt, args.saves, args.max_overlap, args.settle)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -317,22 +337,23 @@ def main(argv: list[str]) -> dict[str, Any]:
         setup_s=round(setup_s, 2), compile_s=round(compile_s, 2), steps=args.steps,
         steps_per_s=args.steps / dt, tokens_per_s=tokens * jax.process_count() / dt,
         tokens_what=r.tokens_what, real_token_fraction=round(real_fraction, 4),
-        step_s=round(base[0], 4), step_cpu_s=round(base[1], 4),
+        step_s=round(med("base_s"), 4), step_cpu_s=round(med("base_cpu_s"), 4),
         loss=loss,
         async_checkpointing=bool(cfg.async_checkpointing), saves=len(saves),
-        checkpoint_first_save_call_s=round(saves[0]["first_save_call_s"], 4),
+        checkpoint_first_save_s=round(saves[0]["first_save_s"], 4),
         checkpoint_finite_check_s=round(saves[0]["finite_check_s"], 4),
         checkpoint_save_call_s=round(med("save_call_s"), 4),
         checkpoint_write_s=round(med("write_s"), 4),
         checkpoint_overlap_steps=med("overlap_steps"),
         checkpoint_write_capped=any(s["write_capped"] for s in saves),
-        checkpoint_writer_nice=int(cfg.get("checkpoint_writer_nice", 0)),
+        checkpoint_writer_priority=ckpt.writer_priority, checkpoint_snapshot=ckpt.snapshot,
         checkpoint_stall_s=round(med("stall_s"), 4),
         checkpoint_stall_fraction=round(med("stall_fraction"), 4),
-        checkpoint_stall_steps=round(med("stall_s") / base[0], 3),
+        checkpoint_stall_fractions=[round(x["stall_fraction"], 4) for x in saves],
+        checkpoint_stall_steps=round(med("stall_steps"), 3),
         checkpoint_every_steps=int(cfg.checkpoint_every_steps),
         checkpoint_stall_amortized=round(
-            med("stall_s") / (int(cfg.checkpoint_every_steps) * base[0]), 6),
+            med("stall_steps") / int(cfg.checkpoint_every_steps), 6),
         checkpoint_stall_cpu_s=round(med("stall_cpu_s"), 4),
         checkpoint_stall_cpu_fraction=round(med("stall_cpu_fraction"), 4),
         host_cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
@@ -345,8 +366,8 @@ def main(argv: list[str]) -> dict[str, Any]:
           f"{result['checkpoint_write_s']:.2f} s over {result['checkpoint_overlap_steps']} "
           f"step(s); stall {result['checkpoint_stall_s']:.3f} s = "
           f"{result['checkpoint_stall_fraction']:.1%} of the overlapping steps "
-          f"({result['checkpoint_stall_steps']:.2f} steps), writer nice "
-          f"{result['checkpoint_writer_nice']}")
+          f"({result['checkpoint_stall_steps']:.2f} steps), writer priority "
+          f"{ckpt.writer_priority}, snapshot {ckpt.snapshot}")
     if result["checkpoint_write_capped"]:
         print(f"  a write outlasted --max_overlap={args.max_overlap} steps: its remaining "
               "stall is not counted; raise --max_overlap")

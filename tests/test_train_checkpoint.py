@@ -1,0 +1,117 @@
+"""The run checkpointer: snapshot saves that let training run on, the writer thread's CPU
+priority, the finiteness gate and the data position captured at save time."""
+
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lavin_jax import train
+from lavin_jax.train_checkpoint import RunCheckpointer
+
+CFG = ml_collections.ConfigDict({"x": 1})
+
+
+class _Counter:
+    def __init__(self):
+        self.index = 0
+
+    def __next__(self):
+        self.index += 1
+        return self.index
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = state["index"]
+
+
+def _thread_sched() -> tuple[int, int]:
+    tid = threading.get_native_id()
+    return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)
+
+
+@pytest.mark.parametrize("priority,policy", [("low", os.SCHED_OTHER), ("idle", os.SCHED_IDLE)])
+def test_writer_thread_priority(tmp_path, priority, policy):
+    """The writer runs at nice 19 (``idle``: SCHED_IDLE too; Orbax's threads inherit it); the
+    training thread keeps its own priority; what it writes restores unchanged."""
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
+    before = _thread_sched()
+    ck = RunCheckpointer(str(tmp_path), writer_priority=priority)
+    assert ck._writer.submit(_thread_sched).result() == (19, policy)
+    assert _thread_sched() == before
+    assert ck.save(3, state, None, CFG).result()
+    ck.wait()
+    got = ck.restore(3, jax.tree.map(jnp.zeros_like, state), None)
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(state["w"]))
+    ck.close()
+    assert RunCheckpointer(str(tmp_path), writer_priority="normal")._writer is None
+    with pytest.raises(ValueError, match="writer_priority='nice'"):
+        RunCheckpointer(str(tmp_path), writer_priority="nice")
+
+
+def test_snapshot_save_survives_donation_and_keeps_shardings(tmp_path):
+    """With ``snapshot`` the save returns before it is written; the state's buffers may then be
+    donated and overwritten at once (as the next train step does), and the checkpoint holds the
+    values of save time, sharded as the originals (8 devices, fsdp-like split)."""
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    state = {"w": jax.device_put(jnp.arange(64.0).reshape(16, 4), shard),
+             "b": jnp.ones(3), "step": jnp.int32(5)}
+    want = jax.tree.map(np.asarray, state)
+    data = _Counter()
+    data.index = 5
+    ck = RunCheckpointer(str(tmp_path), writer_priority="idle", snapshot=True)
+    go = threading.Event()
+    ck._writer.submit(go.wait)  # hold the writer: the save below runs only after the donation
+    future = ck.save(5, state, data, CFG, finite=jnp.bool_(True))
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x * 0 - 1, s), donate_argnums=0)
+    state = bump(state)  # deletes the saved arrays, reuses their buffers
+    next(data)  # the loop moves on before the write
+    assert not future.done()
+    go.set()
+    assert future.result() is True
+    ck.wait()
+    restored_data = _Counter()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    got = ck.restore(5, abstract, restored_data)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)
+    assert got["w"].sharding == shard
+    assert restored_data.index == 5  # the position at save time, not after next()
+    ck.close()
+
+
+def test_nonfinite_state_is_not_written_and_errors_surface(tmp_path):
+    """The finiteness flag is read on the writer thread: a non-finite state never becomes a
+    checkpoint (the trainer's path, train._save), and a failed background save raises at the
+    next call."""
+    ck = RunCheckpointer(str(tmp_path), writer_priority="idle", snapshot=True)
+    good = {"params": {"w": jnp.ones(4)}}
+    bad = {"params": {"w": jnp.array([1.0, jnp.nan, 0.0, 1.0])}}
+    train._save(ck, 1, good, None, CFG)
+    train._save(ck, 2, bad, None, CFG)
+    ck.wait()
+    assert ck.manager.all_steps() == [1]
+    ck._pending.append(ck._writer.submit(lambda: 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        ck.wait()
+    ck.close()
+
+
+def test_snapshot_is_on_for_cpu_hosts_unless_set(tmp_path):
+    """``checkpoint_snapshot`` unset = on when the devices are CPUs (Orbax copies to that same
+    memory anyway); True/False force it."""
+    cfg = ml_collections.ConfigDict({"checkpoint_snapshot": None})
+    ck = RunCheckpointer.from_config(str(tmp_path), cfg)
+    assert ck.snapshot is (jax.devices()[0].platform == "cpu")
+    ck.close()
+    cfg.checkpoint_snapshot = False
+    ck = RunCheckpointer.from_config(str(tmp_path), cfg)
+    assert ck.snapshot is False
+    ck.close()
