@@ -303,25 +303,25 @@ def main(argv: list[str]) -> dict[str, Any]:
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         r.waited()
-    train.freeze_heap()  # as the trainer does before its loop
+    with train.frozen_heap():  # as the trainer's loop runs
+        tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            tokens += r.run()
+        jax.block_until_ready(r.state)
+        dt = time.perf_counter() - t0
+        loss = {k: float(v) for k, v in jax.device_get(r.metrics).items()
+                if k.endswith("/loss")}
 
-    tokens = 0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        tokens += r.run()
-    jax.block_until_ready(r.state)
-    dt = time.perf_counter() - t0
-    loss = {k: float(v) for k, v in jax.device_get(r.metrics).items() if k.endswith("/loss")}
-
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
-    ckpt = RunCheckpointer.from_config(workdir, cfg, max_to_keep=2)
-    try:
-        saves = time_saves(r, ckpt, args.saves, args.max_overlap, args.settle)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        workdir = args.workdir or tempfile.mkdtemp(prefix="bench_train_")
+        ckpt = RunCheckpointer.from_config(workdir, cfg, max_to_keep=2)
+        try:
+            saves = time_saves(r, ckpt, args.saves, args.max_overlap, args.settle)
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
     med = lambda k: statistics.median(s[k] for s in saves)
     b = r.batch
     real_fraction = 1.0
