@@ -192,9 +192,10 @@ class RunCheckpointer:
 
         ``finite``: a scalar bool array (e.g. dispatched, not yet computed); when False the
         step is not written (logged). Returns a future of whether it was written: done unless
-        ``snapshot``. An error of an earlier background save is raised here.
+        ``snapshot``. First waits for an earlier save still being issued (so at most one
+        snapshot waits for the writer) and raises its error, if any.
         """
-        self._raise_failed()
+        self._drain()
         items = {"config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
         if iterator is not None:
             items["data"] = DataSave(iterator)
@@ -222,11 +223,6 @@ class RunCheckpointer:
         """Whether a save is still being issued or written."""
         return (any(not f.done() for f in self._pending)
                 or self.manager.is_saving_in_progress())
-
-    def _raise_failed(self) -> None:
-        for f in [f for f in self._pending if f.done()]:
-            self._pending.remove(f)
-            f.result()
 
     def _drain(self) -> None:
         while self._pending:
