@@ -17,15 +17,16 @@ Figures:
   does (next batch read while the step runs), from the first dispatch to the last result.
   Tokens: real J-DiT tokens of both streams (objective.tokens_per_batch); for the ST-VAE,
   latent positions (T' x h x w per clip).
-- checkpoint stall: per-step times with each step waited for: a save as the trainer issues it
-  and the steps after it until the async write finished, bracketed by ``--settle`` steps
-  without a save before and after (that save's baseline: a shared host drifts; ``step_s`` is
-  the median baseline over saves).
-  ``checkpoint_stall_s`` = the save call's own time + the extra time of the steps overlapping
-  the write; ``checkpoint_stall_fraction`` = that / (overlapping steps x step_s), i.e. how much
-  slower training runs while a save is in flight (goal <= 5%); ``checkpoint_stall_steps`` =
-  stall / step_s (steps lost per save); ``checkpoint_stall_amortized`` = stall / (the config's
-  checkpoint_every_steps x step_s), the share of all training time. Median over ``--saves``
+- checkpoint stall: steps paced as the loop runs them (dispatch one, wait for the one before:
+  ``Runner.paced``); a save issued between two steps as the trainer does, then the steps until
+  the async write finished, bracketed by ``--settle`` steps without a save before and after
+  (that save's baseline: a shared host drifts; ``step_s`` is the median baseline over saves).
+  ``checkpoint_stall_s`` = the extra time of the steps overlapping the write (the save call's
+  own time falls into the first of them); ``checkpoint_stall_fraction`` = that / (overlapping
+  steps x step_s), i.e. how much slower training runs while a save is in flight (goal <= 5%);
+  ``checkpoint_stall_steps`` = stall / step_s (steps lost per save);
+  ``checkpoint_stall_amortized`` = stall / (the config's checkpoint_every_steps x step_s), the
+  share of all training time. Median over ``--saves``
   saves (``checkpoint_stall_fractions``: each save's), after one untimed save
   (``checkpoint_first_save_s``: it compiles the finiteness check and the snapshot copy and
   sets Orbax up).
@@ -69,8 +70,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     p.add_argument("--steps", type=int, default=10, help="timed steps (throughput)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
     p.add_argument("--settle", type=int, default=3,
-                   help="waited-for steps without a save before and after each timed save (its "
-                        "baseline)")
+                   help="steps without a save before and after each timed save (its baseline)")
     p.add_argument("--saves", type=int, default=5, help="checkpoint saves timed")
     p.add_argument("--max_overlap", type=int, default=50, help="steps timed after a save, at most")
     p.add_argument("--latent_size", type=int, default=None,
@@ -237,7 +237,7 @@ class Runner:
     def paced(self) -> tuple[float, float]:
         """One step as the train loop runs them: dispatch the next step, then wait for the one
         before it (one step always queued, so host-side work overlaps a running step).
-        Returns (wall s, process CPU s) since the previous call returned (``waited`` first)."""
+        Returns (wall s, process CPU s) since the previous call returned (0 the first time)."""
         prev = self.metrics
         self.run()
         jax.block_until_ready(prev)
