@@ -210,13 +210,14 @@ class RunCheckpointer:
                 state=ocp.args.StandardSave(state), **items), force=force)
 
         if self._writer is None:
-            done: concurrent.futures.Future = concurrent.futures.Future()
-            done.set_result(write())
-            return done
-        future = self._writer.submit(write)
-        if not self.snapshot:
-            future.result()
-        self._pending.append(future)
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(write())
+        else:
+            future = self._writer.submit(write)
+            if self.snapshot:
+                self._pending.append(future)  # drained by the next save / wait / close
+            else:
+                future.result()
         return future
 
     def saving(self) -> bool:
