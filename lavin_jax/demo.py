@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lavin_jax import hostmem
+
 log = logging.getLogger("lavin_jax.demo")
 
 
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_pairs", type=int, default=2, help="context pairs in eval episodes")
     p.add_argument("--ti_examples", type=int, default=12, help="task-identification queries")
     args = p.parse_args(argv)
+    hostmem.configure("auto")  # before the backend starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

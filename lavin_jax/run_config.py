@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     # CPU hosts only (train_checkpoint.RunCheckpointer).
     cfg.checkpoint_writer_priority = "idle"
     cfg.checkpoint_snapshot = ml_collections.config_dict.placeholder(bool)
+    # Host malloc: "reuse" keeps freed memory for reuse (XLA:CPU's per-step temporaries are
+    # otherwise page-faulted in afresh every step), "system" leaves glibc as it is, "auto" =
+    # reuse when jax runs on CPUs only (lavin_jax.hostmem; applied before the backend starts).
+    cfg.host_malloc = "auto"
     cfg.init_from = ""  # params-only checkpoint (lavin_jax.checkpoint format) to start from
     # Resume also restores the data position; False restarts the data (e.g. after a change of
     # process count, which the saved position cannot follow).
@@ -86,6 +90,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
     if cfg.get("checkpoint_snapshot") not in (None, True, False):
         errors.append(f"config.checkpoint_snapshot={cfg.checkpoint_snapshot!r} must be True, "
                       "False or unset (None: on CPU hosts)")
+    from lavin_jax.hostmem import MODES
+
+    if cfg.get("host_malloc", "auto") not in MODES:
+        errors.append(f"config.host_malloc={cfg.host_malloc!r} must be one of {', '.join(MODES)}")
     mesh_ok = not _check(errors, lambda: sharding.mesh_shape(cfg, num_devices))
     _check(errors, lambda: sharding.logical_to_spec([r[0] for r in cfg.sharding.rules],
                                                     cfg.sharding.rules))

@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import config_flags
 
-from lavin_jax import sharding, train_state
+from lavin_jax import hostmem, sharding, train_state
 from lavin_jax.objectives import get_objective
 from lavin_jax.run_config import validate_config
 from lavin_jax.train_checkpoint import RunCheckpointer
@@ -255,9 +255,12 @@ def _write_samples(visualize, tr, state, batch, writer, workdir, step) -> None:
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO)
-    init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    mode = FLAGS.config.get("host_malloc", "auto")
+    if mode in hostmem.MODES:  # else validate_config reports it
+        hostmem.configure(mode)  # before the backend starts
+    init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     result = train(FLAGS.config, FLAGS.workdir)
     log.info("done at step %d: %s", result["step"], result["metrics"])
 

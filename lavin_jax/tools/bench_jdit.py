@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lavin_jax import flow
+from lavin_jax import flow, hostmem
 from lavin_jax.models.jdit import JDiT, JDiTConfig, num_params
 
 _SHAPE_FLAGS = {"hidden": "hidden_size", "depth": "depth", "heads": "num_heads",
@@ -38,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for flag in _SHAPE_FLAGS:
         p.add_argument(f"--{flag}", type=int, default=None, help="override model." + flag)
     p.add_argument("--batch", type=int, default=2)
+    hostmem.add_flag(p)
     p.add_argument("--context_frames", type=int, default=9, help="cond frames (pairs + query)")
     p.add_argument("--target_frames", type=int, default=1)
     p.add_argument("--latent", default="16x16", help="latent HxW")
@@ -140,6 +141,7 @@ def make_train_step(graphdef, tx):
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv[1:])
+    hostmem.configure(args.host_malloc)  # as the trainer runs: before the backend starts
     cfg = model_config(args)
     h, _, w = args.latent.partition("x")
     if not (h.isdigit() and w.isdigit()):

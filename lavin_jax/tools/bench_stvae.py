@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lavin_jax import hostmem
 from lavin_jax.models import stvae_tiling
 from lavin_jax.models.stvae import STVAE, STVAEConfig
 from lavin_jax.tools.bench_jdit import load_config
@@ -45,6 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tiled_size", type=int, default=512, help="side of the tiled case")
     p.add_argument("--tile", type=int, default=256, help="spatial tile in pixels (tiled case)")
     p.add_argument("--batch", type=int, default=1)
+    hostmem.add_flag(p)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
     p.add_argument("--reps", type=int, default=2, help="timed runs (median reported)")
     return p.parse_args(argv)
@@ -166,6 +168,7 @@ def bench_tiled(runner: Runner, args) -> dict:
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv[1:])
+    hostmem.configure(args.host_malloc)  # as the trainer runs: before the backend starts
     cases = [c for c in args.cases.split(",") if c]
     bad = [c for c in cases if c not in CASES]
     if bad:

@@ -53,7 +53,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lavin_jax import sharding, train, train_state
+from lavin_jax import hostmem, sharding, train, train_state
 from lavin_jax.data.batches import make_iterator
 from lavin_jax.objectives import get_objective
 from lavin_jax.run_config import validate_config
@@ -291,6 +291,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = load_config(args.config)
     apply_overrides(cfg, overrides)
+    hostmem.configure(cfg.get("host_malloc", "auto"))  # as train.main: before the backend
     if args.data == "synthetic":
         synthetic_data(cfg, args)
     validate_config(cfg, len(jax.devices()))
