@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_pairs", type=int, default=2, help="context pairs in eval episodes")
     p.add_argument("--ti_examples", type=int, default=12, help="task-identification queries")
     args = p.parse_args(argv)
-    hostmem.configure("auto")  # before the backend starts
+    hostmem.configure("auto")  # as train.main (its stages train in-process): before the backend
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -26,8 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from lavin_jax import hostmem
-
 log = logging.getLogger(__name__)
 
 CACHE_META = "cache.json"
@@ -281,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae_checkpoint", default=None,
                    help="default: config.data.vae_checkpoint ('toy': the test stand-in)")
     args = p.parse_args(argv)
-    hostmem.configure("auto")  # before the backend starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import jax
 

@@ -38,7 +38,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lavin_jax import hostmem, metrics, sample
+from lavin_jax import metrics, sample
 from lavin_jax.data import episodes
 from lavin_jax.data.tasks import Task
 from lavin_jax.data.tasks.drawing import image_of
@@ -348,7 +348,6 @@ def _ints(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    hostmem.configure("auto")  # before the backend starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from lavin_jax import eval_incontext
     from lavin_jax.metrics.image import load_nets

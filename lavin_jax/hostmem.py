@@ -8,8 +8,11 @@ of the step on a 2-core host (BENCHMARKS.md). ``reuse`` puts every thread on the
 raises glibc's mmap and trim thresholds, so the blocks are reused from the second step on (no
 faults); the process then keeps its peak heap instead of handing it back.
 
-It must run before the XLA backend starts (its threads pick their malloc arena once, at their
-first allocation): the entry points call :func:`configure` first, with ``config.host_malloc``.
+The price: every thread shares one arena (lock), which costs elsewhere: the CFG sampling loop
+ran 10-25% slower with it, and the background checkpoint write interferes more with the step.
+So the training entry points (train, demo, bench train) apply ``config.host_malloc``; sampling
+and eval tools leave glibc as it is. It must run before the XLA backend starts (its threads
+pick their malloc arena once, at their first allocation): :func:`configure` comes first.
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ def _backend_started() -> bool:
         return False
 
 
-def add_flag(parser) -> None:
-    """``--host_malloc`` on a tool's argparse parser (for tools without a run config)."""
-    parser.add_argument("--host_malloc", default="auto", choices=MODES,
+def add_flag(parser, default: str = "system") -> None:
+    """``--host_malloc`` on a benchmark's argparse parser (tools without a run config)."""
+    parser.add_argument("--host_malloc", default=default, choices=MODES,
                         help="host malloc setting, as config.host_malloc (lavin_jax.hostmem)")
 
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from lavin_jax import hostmem
 from lavin_jax.data import template
 
 DEFAULT_SAMPLE = {"num_steps": 20, "grid": "official", "method": "euler", "cfg_scale": 1.5,
@@ -285,7 +284,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    hostmem.configure("auto")  # before the backend starts
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError, KeyError) as e:

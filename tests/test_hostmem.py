@@ -26,11 +26,13 @@ def f(x):
 
 for _ in range(30):  # reuse: the heap grows to its working size over the first calls
     jax.block_until_ready(f(x))
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+per_call = []
+for _ in range(11):
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(f(x))
-per_call = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 10
-print(json.dumps({"mode": mode, "faults_per_call": per_call}))
+    per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+# median: the host may reclaim idle pages of the kept heap now and then (e.g. DAMON)
+print(json.dumps({"mode": mode, "faults_per_call": sorted(per_call)[5]}))
 """
 
 
@@ -81,3 +83,18 @@ def test_late_configure_warns():
                        timeout=300, check=True)
     assert r.stdout.strip().endswith("reuse")
     assert "applied after the XLA backend started" in r.stderr
+
+
+def test_entry_modules_do_not_start_the_backend_on_import():
+    # The entry points call hostmem.configure first thing in main(); that is only in time if
+    # importing them has not started the XLA backend already.
+    script = ("import importlib\n"
+              "for m in ('lavin_jax.train', 'lavin_jax.demo', 'lavin_jax.tools.bench_train',\n"
+              "          'lavin_jax.tools.bench_jdit', 'lavin_jax.tools.bench_stvae'):\n"
+              "    importlib.import_module(m)\n"
+              "from jax._src import xla_bridge\n"
+              "print(xla_bridge.backends_are_initialized())")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                       timeout=300, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stderr[-2000:]

@@ -141,7 +141,7 @@ def make_train_step(graphdef, tx):
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv[1:])
-    hostmem.configure(args.host_malloc)  # as the trainer runs: before the backend starts
+    hostmem.configure(args.host_malloc)  # before the backend starts
     cfg = model_config(args)
     h, _, w = args.latent.partition("x")
     if not (h.isdigit() and w.isdigit()):

@@ -168,7 +168,7 @@ def bench_tiled(runner: Runner, args) -> dict:
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv[1:])
-    hostmem.configure(args.host_malloc)  # as the trainer runs: before the backend starts
+    hostmem.configure(args.host_malloc)  # before the backend starts
     cases = [c for c in args.cases.split(",") if c]
     bad = [c for c in cases if c not in CASES]
     if bad:
