@@ -3,7 +3,7 @@
 Why: XLA:CPU allocates each execution's temporaries (a train step's: hundreds of MB) with
 malloc from its own threads. glibc gives a non-main thread a fresh ``mmap`` for any block larger
 than its 64 MB arena heaps and ``munmap``s it on free, so every step page-faults and zeroes all
-of it again: about 112k faults per step (0.25 CPU-s for 400 MB) on the 18.6M bench shape, 15-25%
+of it again: about 112k faults per step (0.25 CPU-s for 400 MB) on the 18.6M bench shape, 11-27%
 of the step on a 2-core host (BENCHMARKS.md). ``reuse`` puts every thread on the main arena and
 raises glibc's mmap and trim thresholds, so the blocks are reused from the second step on (no
 faults); the process then keeps its peak heap instead of handing it back.
