@@ -59,6 +59,13 @@ def add_flag(parser, default: str = "system") -> None:
                         help="host malloc setting, as config.host_malloc (lavin_jax.hostmem)")
 
 
+def configure_from(cfg) -> str:
+    """:func:`configure` with a run config's ``host_malloc`` (for train and bench train); an
+    invalid value changes nothing here: validate_config reports it, one line."""
+    mode = cfg.get("host_malloc", "auto")
+    return configure(mode) if mode in MODES else "system"
+
+
 def configure(mode: str | None = "auto") -> str:
     """Applies ``mode`` ("auto": ``reuse`` when :func:`cpu_only`, else ``system``; ``reuse``;
     ``system``: glibc's defaults, nothing changed) -> the mode in effect. Idempotent; a no-op

@@ -257,9 +257,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO)
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
-    mode = FLAGS.config.get("host_malloc", "auto")
-    if mode in hostmem.MODES:  # else validate_config reports it
-        hostmem.configure(mode)  # before the backend starts
+    hostmem.configure_from(FLAGS.config)  # before the backend starts
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     result = train(FLAGS.config, FLAGS.workdir)
     log.info("done at step %d: %s", result["step"], result["metrics"])

@@ -291,7 +291,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = load_config(args.config)
     apply_overrides(cfg, overrides)
-    hostmem.configure(cfg.get("host_malloc", "auto"))  # as train.main: before the backend
+    hostmem.configure_from(cfg)  # as train.main: before the backend starts
     if args.data == "synthetic":
         synthetic_data(cfg, args)
     validate_config(cfg, len(jax.devices()))
