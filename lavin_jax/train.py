@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from lavin_jax import hostmem, sharding, train_state
 from lavin_jax.objectives import get_objective
 from lavin_jax.run_config import validate_config
-from lavin_jax.train_checkpoint import RunCheckpointer
+from lavin_jax.train_checkpoint import RunCheckpointer, tree_mismatches
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py:VARIANT).")
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
@@ -198,8 +198,6 @@ def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:
     whose item is absent keep their init (e.g. the VAE's discriminator), but at least one must
     match, and shapes must match exactly. The EMA starts from the loaded parameters.
     """
-    from flax import nnx
-
     from lavin_jax import checkpoint as params_ckpt
 
     step, meta = params_ckpt._open(path, None)
@@ -214,16 +212,8 @@ def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:
     mngr = params_ckpt._manager(path, list(found.values()), read_only=True)
     saved = mngr.item_metadata(step)
     mngr.close()
-    flat = lambda t: {tuple(map(str, k)): v
-                      for k, v in nnx.traversals.flatten_mapping(dict(t)).items()}
-    problems = []
-    for g, n in found.items():
-        want, got = flat(tr.abstract_state["params"][g]), flat(saved[n].tree)
-        problems += [f"{n}: missing {'/'.join(k)}" for k in want if k not in got]
-        problems += [f"{n}: unexpected {'/'.join(k)}" for k in got if k not in want]
-        problems += [f"{n}: {'/'.join(k)} has shape {tuple(got[k].shape)}, group "
-                     f"{g!r} needs {tuple(v.shape)}" for k, v in want.items()
-                     if k in got and tuple(got[k].shape) != tuple(v.shape)]
+    problems = [f"{n}: {p}" for g, n in found.items()
+                for p in tree_mismatches(tr.abstract_state["params"][g], saved[n].tree)]
     if problems:
         raise ValueError(f"config.init_from={path!r} does not fit the configured model "
                          f"(check config.model): " + "; ".join(problems[:10]))

@@ -32,6 +32,7 @@ def _run(argv, capsys) -> dict:
     assert isinstance(last["checkpoint_stall_fraction"], float)  # noise may make it < 0
     assert len(last["checkpoint_stall_fractions"]) == last["saves"]
     assert last["checkpoint_writer_priority"] == "idle" and last["checkpoint_snapshot"] is True
+    assert last["checkpoint_compression"] is False
     assert last["data_kind"] == "synthetic"
     return last
 
@@ -74,3 +75,30 @@ def test_overrides_and_synthetic_rows():
         bench_train.apply_overrides(cfg, [("nope.x", "1")])
     with pytest.raises(SystemExit):
         bench_train.parse_args(["--bogus=1"])
+
+
+def test_init_state_times_a_runs_own_state(tmp_path, capsys):
+    """``--init_state WORKDIR[:STEP]`` starts from a run's checkpointed train state (here the
+    bench's own kept checkpoints); a missing step or another config's state is a one-line exit."""
+    run = tmp_path / "run"
+    first = _run(["--config", "configs/lavin_dit.py:demo", "--workdir", str(run)] + QUICK
+                 + TINY_JDIT, capsys)
+    assert first["init_state"] is None
+    assert first["checkpoint_blocking_s"] >= first["checkpoint_save_call_s"] > 0
+    assert first["checkpoint_blocking_fraction"] > 0
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    args, over = bench_train.parse_args(["--config", "configs/lavin_dit.py:demo"] + TINY_JDIT)
+    cfg = bench_train.load_config(args.config)
+    bench_train.apply_overrides(cfg, over)
+    bench_train.synthetic_data(cfg, args)
+    r = bench_train.Runner(cfg)
+    assert int(r.state["step"]) == 0
+    assert bench_train.restore_state(r, f"{run}:{saved[0]}") == saved[0]
+    assert int(r.state["step"]) == saved[0] > 0
+    assert bench_train.restore_state(r, str(run)) == saved[-1]
+    assert int(r.state["step"]) == saved[-1]
+    with pytest.raises(SystemExit, match=r"--init_state=.*:999: no checkpoint 999"):
+        bench_train.restore_state(r, f"{run}:999")
+    bench_train.apply_overrides(cfg, [("model.depth", "3")])
+    with pytest.raises(SystemExit, match=r"does not fit this run's state .*blocks/.* shape \(2, "):
+        bench_train.restore_state(bench_train.Runner(cfg), str(run))

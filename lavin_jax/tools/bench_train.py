@@ -58,7 +58,7 @@ from lavin_jax.data.batches import make_iterator
 from lavin_jax.objectives import get_objective
 from lavin_jax.run_config import validate_config
 from lavin_jax.tools.bench_jdit import load_config
-from lavin_jax.train_checkpoint import RunCheckpointer
+from lavin_jax.train_checkpoint import RunCheckpointer, snapshot_copy
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
@@ -77,6 +77,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
                    help="synthetic J-DiT latent side (default: data.resolutions[0] / VAE 4x or 8x)")
     p.add_argument("--frames", type=int, default=1, help="synthetic ST-VAE clip frames")
     p.add_argument("--workdir", default="", help="checkpoint folder (default: a temporary one)")
+    p.add_argument("--init_state", default="", metavar="WORKDIR[:STEP]",
+                   help="start from a run's train state (its newest or STEP checkpoint; same "
+                        "config): a trained state compresses differently from a fresh one")
     return parse_with_overrides(p, argv)
 
 
@@ -246,6 +249,27 @@ class Runner:
         return now[0] - last[0], now[1] - last[1]
 
 
+def restore_state(r: Runner, spec: str) -> int:
+    """Replaces ``r.state`` by the train state of a run's checkpoint (``WORKDIR[:STEP]``).
+    Returns the step restored."""
+    workdir, _, step = spec.rpartition(":")
+    if not step.isdigit():  # no step given (or a gs:// path's colon)
+        workdir, step = spec, ""
+    ckpt = RunCheckpointer(workdir, async_save=False)
+    try:
+        n = int(step) if step else ckpt.latest_step()
+        if n is None or n not in ckpt.manager.all_steps():
+            raise SystemExit(f"--init_state={spec}: no checkpoint {step or ''} in "
+                             f"{ckpt.directory} (have {ckpt.manager.all_steps()})")
+        try:
+            r.state = ckpt.restore(n, r.tr.abstract_state, None)
+        except ValueError as e:  # a one-line mismatch report (pass the run's own config)
+            raise SystemExit(f"--init_state={spec}: {e}") from None
+    finally:
+        ckpt.close()
+    return n
+
+
 def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
                settle: int) -> list[dict[str, float]]:
     """Per save: its call, write and overlap times and the stall (wall and process CPU), each
@@ -259,6 +283,14 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
     t0 = time.perf_counter()
     bool(jax.device_get(train._all_finite(r.state["params"])))
     check = time.perf_counter() - t0
+    copy = 0.0  # the snapshot copy: the next step waits for it (it donates what it reads)
+    if ckpt.snapshot:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(snapshot_copy(r.state))
+            times.append(time.perf_counter() - t0)
+        copy = statistics.median(times)
     r.paced()
     after = [r.paced() for _ in range(settle)]
     out = []
@@ -282,7 +314,8 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
                         base_cpu_s=base[1], stall_s=stall, stall_fraction=stall / (n * base[0]),
                         stall_steps=stall / base[0], stall_cpu_s=stall_cpu,
                         stall_cpu_fraction=stall_cpu / (n * base[1]),
-                        first_save_s=first, finite_check_s=check, write_capped=capped))
+                        first_save_s=first, finite_check_s=check, write_capped=capped,
+                        blocking_s=call + copy, snapshot_copy_s=copy))
     return out
 
 
@@ -298,6 +331,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     r = Runner(cfg)
+    init_step = restore_state(r, args.init_state) if args.init_state else None
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     r.waited()  # compiles
@@ -343,11 +377,16 @@ def main(argv: list[str]) -> dict[str, Any]:
         async_checkpointing=bool(cfg.async_checkpointing), saves=len(saves),
         checkpoint_first_save_s=round(saves[0]["first_save_s"], 4),
         checkpoint_finite_check_s=round(saves[0]["finite_check_s"], 4),
+        init_state=args.init_state or None, init_state_step=init_step,
         checkpoint_save_call_s=round(med("save_call_s"), 4),
+        checkpoint_snapshot_copy_s=round(saves[0]["snapshot_copy_s"], 4),
+        checkpoint_blocking_s=round(med("blocking_s"), 4),
+        checkpoint_blocking_fraction=round(med("blocking_s") / med("base_s"), 4),
         checkpoint_write_s=round(med("write_s"), 4),
         checkpoint_overlap_steps=med("overlap_steps"),
         checkpoint_write_capped=any(s["write_capped"] for s in saves),
         checkpoint_writer_priority=ckpt.writer_priority, checkpoint_snapshot=ckpt.snapshot,
+        checkpoint_compression=ckpt.compression,
         checkpoint_stall_s=round(med("stall_s"), 4),
         checkpoint_stall_fraction=round(med("stall_fraction"), 4),
         checkpoint_stall_fractions=[round(x["stall_fraction"], 4) for x in saves],
@@ -367,8 +406,10 @@ def main(argv: list[str]) -> dict[str, Any]:
           f"{result['checkpoint_write_s']:.2f} s over {result['checkpoint_overlap_steps']} "
           f"step(s); stall {result['checkpoint_stall_s']:.3f} s = "
           f"{result['checkpoint_stall_fraction']:.1%} of the overlapping steps "
-          f"({result['checkpoint_stall_steps']:.2f} steps), writer priority "
-          f"{ckpt.writer_priority}, snapshot {ckpt.snapshot}")
+          f"({result['checkpoint_stall_steps']:.2f} steps); the loop blocked "
+          f"{result['checkpoint_blocking_s']:.3f} s = {result['checkpoint_blocking_fraction']:.1%}"
+          f" of a step (save call + snapshot copy), writer priority "
+          f"{ckpt.writer_priority}, snapshot {ckpt.snapshot}, compression {ckpt.compression}")
     if result["checkpoint_write_capped"]:
         print(f"  a write outlasted --max_overlap={args.max_overlap} steps: its remaining "
               "stall is not counted; raise --max_overlap")
