@@ -32,7 +32,7 @@ def _run(argv, capsys) -> dict:
     assert isinstance(last["checkpoint_stall_fraction"], float)  # noise may make it < 0
     assert len(last["checkpoint_stall_fractions"]) == last["saves"]
     assert last["checkpoint_writer_priority"] == "idle" and last["checkpoint_snapshot"] is True
-    assert last["checkpoint_compression"] is False
+    assert last["checkpoint_compression"] is True
     assert last["data_kind"] == "synthetic"
     return last
 

@@ -33,6 +33,13 @@ Figures:
   The same in process CPU seconds (``step_cpu_s``, ``checkpoint_stall_cpu_*``: the CPU work
   the save adds, all threads), the figure a shared, loaded host does not blur; the host's
   1-minute load average is reported with them.
+- ``checkpoint_blocking_s`` / ``checkpoint_blocking_fraction``: what the loop itself waits for,
+  per save and as a share of one step: the save call plus whatever of the snapshot copy still
+  runs after it returned (the next step waits for it). The rest of the stall above is the
+  background write competing with the step for the host's cores and memory (on TPU/GPU hosts
+  the step does not run on those).
+``--init_state WORKDIR[:STEP]`` times the saves with a run's checkpointed state (same config):
+a freshly initialised state compresses far better than a trained one.
 A human summary comes first, then one JSON object on the last line.
 """
 
@@ -283,13 +290,15 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
     t0 = time.perf_counter()
     bool(jax.device_get(train._all_finite(r.state["params"])))
     check = time.perf_counter() - t0
-    copy = 0.0  # the snapshot copy: the next step waits for it (it donates what it reads)
-    if ckpt.snapshot:
+    copy = 0.0  # the snapshot copy's part that runs after the save call returned
+    if ckpt.snapshot:  # (the next step waits for it: it donates the buffers the copy reads)
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            jax.block_until_ready(snapshot_copy(r.state))
-            times.append(time.perf_counter() - t0)
+            out = snapshot_copy(r.state)  # on CPU hosts it mostly runs here, in the call
+            t1 = time.perf_counter()
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t1)
         copy = statistics.median(times)
     r.paced()
     after = [r.paced() for _ in range(settle)]
@@ -315,7 +324,7 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
                         stall_steps=stall / base[0], stall_cpu_s=stall_cpu,
                         stall_cpu_fraction=stall_cpu / (n * base[1]),
                         first_save_s=first, finite_check_s=check, write_capped=capped,
-                        blocking_s=call + copy, snapshot_copy_s=copy))
+                        blocking_s=call + copy, copy_after_call_s=copy))
     return out
 
 
@@ -379,7 +388,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         checkpoint_finite_check_s=round(saves[0]["finite_check_s"], 4),
         init_state=args.init_state or None, init_state_step=init_step,
         checkpoint_save_call_s=round(med("save_call_s"), 4),
-        checkpoint_snapshot_copy_s=round(saves[0]["snapshot_copy_s"], 4),
+        checkpoint_copy_after_call_s=round(saves[0]["copy_after_call_s"], 4),
         checkpoint_blocking_s=round(med("blocking_s"), 4),
         checkpoint_blocking_fraction=round(med("blocking_s") / med("base_s"), 4),
         checkpoint_write_s=round(med("write_s"), 4),
@@ -408,7 +417,7 @@ def main(argv: list[str]) -> dict[str, Any]:
           f"{result['checkpoint_stall_fraction']:.1%} of the overlapping steps "
           f"({result['checkpoint_stall_steps']:.2f} steps); the loop blocked "
           f"{result['checkpoint_blocking_s']:.3f} s = {result['checkpoint_blocking_fraction']:.1%}"
-          f" of a step (save call + snapshot copy), writer priority "
+          f" of a step (save call + the snapshot copy's rest), writer priority "
           f"{ckpt.writer_priority}, snapshot {ckpt.snapshot}, compression {ckpt.compression}")
     if result["checkpoint_write_capped"]:
         print(f"  a write outlasted --max_overlap={args.max_overlap} steps: its remaining "
