@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 FORMAT = "lavin_jax.params"
@@ -53,13 +54,20 @@ MODEL_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Callable[[], nnx.Module
 }
 
 
+def absolute_path(path: str | pathlib.Path) -> epath.Path:
+    """``path`` made absolute for Orbax (which rejects relative local paths); ``gs://`` and other
+    URLs are absolute already (``pathlib`` would mangle them into local paths)."""
+    p = epath.Path(path)
+    return p if p.is_absolute() else p.absolute()
+
+
 def _manager(directory: str | pathlib.Path, items, *, read_only: bool) -> ocp.CheckpointManager:
     handlers = {META: ocp.JsonCheckpointHandler()}
     handlers.update({name: ocp.StandardCheckpointHandler() for name in items})
     # Readers open with create=False and never save (read_only=True only adds log warnings).
     options = ocp.CheckpointManagerOptions(create=not read_only, enable_async_checkpointing=False)
     return ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), item_handlers=handlers, options=options
+        absolute_path(directory), item_handlers=handlers, options=options
     )
 
 
@@ -69,7 +77,7 @@ def save_params(
     metadata: Mapping[str, Any] | None = None,
     *,
     step: int = 0,
-) -> pathlib.Path:
+) -> epath.Path:
     """Writes ``params`` ({model name: pure dict of arrays}) and JSON ``metadata``.
 
     ``metadata["configs"][name]`` should hold each model's config (a dict or dataclass) so that
@@ -92,11 +100,11 @@ def save_params(
     mngr.save(step, args=ocp.args.Composite(**args, **{META: ocp.args.JsonSave(meta)}))
     mngr.wait_until_finished()
     mngr.close()
-    return pathlib.Path(directory) / str(step)
+    return epath.Path(directory) / str(step)
 
 
 def _open(directory: str | pathlib.Path, step: int | None):
-    if not pathlib.Path(directory).is_dir():
+    if not epath.Path(directory).is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     mngr = _manager(directory, (), read_only=True)
     step = mngr.latest_step() if step is None else step

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def load_encoder(cfg) -> Any:
     if not path:
         raise ValueError("config.data.vae_checkpoint is empty: point it at a trained ST-VAE "
                          "checkpoint directory (or 'toy' for the test stand-in encoder)")
-    if not pathlib.Path(path).exists():
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"config.data.vae_checkpoint={path!r} does not exist; train the "
                                 f"ST-VAE first or fix the path")
     from lavin_jax import checkpoint

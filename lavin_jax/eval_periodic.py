@@ -21,12 +21,12 @@ stays off. A failing evaluation is logged and training goes on.
 from __future__ import annotations
 
 import logging
-import pathlib
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from lavin_jax import evaluate, flow, sample, sharding
 
@@ -87,7 +87,7 @@ class PeriodicEval:
                 cfg.get("eval_every_steps") or 0) <= 0:
             return None
         vae = str((cfg.get("data") or {}).get("vae_checkpoint", "") or "")
-        if not vae or vae == "toy" or not pathlib.Path(vae).exists():
+        if not vae or vae == "toy" or not epath.Path(vae).exists():
             log.warning("in-training eval off: config.data.vae_checkpoint=%r is not an ST-VAE "
                         "checkpoint to decode predictions with (run lavin_jax.evaluate later)",
                         vae)

@@ -116,10 +116,15 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
 
         _check(errors, lambda: flow.TimeDist.from_config(cfg.flow))
     init_from = str(cfg.get("init_from", "") or "")
-    if init_from and not epath.Path(init_from).exists():
-        errors.append(f"config.init_from={init_from!r} does not exist; point it at a params "
-                      f"checkpoint (lavin_jax.checkpoint.save_params / lavin_jax.convert) or "
-                      f"set it to ''")
+    if init_from:
+        try:
+            found = epath.Path(init_from).exists()
+        except Exception as e:  # e.g. gs:// without credentials or network: the backend's error
+            found = f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+        if found is not True:
+            errors.append(f"config.init_from={init_from!r} {found or 'does not exist'}; point it "
+                          f"at a params checkpoint (lavin_jax.checkpoint.save_params / "
+                          f"lavin_jax.convert) or set it to ''")
     data = cfg.get("data")
     if data is not None:
         _check_data(errors, cfg)

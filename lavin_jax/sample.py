@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from lavin_jax.data import template
 
@@ -91,7 +92,7 @@ def load_models(args) -> tuple[Any, Any, dict, dict]:
                              f"(data.vae_checkpoint={vae_dir!r}); pass --vae_checkpoint=DIR")
         sample = dict(cfg.get("sample") or {})
         prov = {"workdir": str(args.workdir), "step": step, "params": which}
-    if not pathlib.Path(vae_dir).exists():
+    if not epath.Path(vae_dir).exists():
         raise FileNotFoundError(f"ST-VAE checkpoint {vae_dir} does not exist; fix "
                                 "--vae_checkpoint")
     vae = checkpoint.load_model(vae_dir, "stvae")

@@ -20,6 +20,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lavin_jax.checkpoint import absolute_path
+
 log = logging.getLogger(__name__)
 
 
@@ -106,10 +108,8 @@ def tree_mismatches(want: Any, got: Any) -> list[str]:
 
 
 def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
-    """``workdir/checkpoints`` as an absolute path (Orbax's readers reject relative local
-    paths; gs:// paths are already absolute)."""
-    p = epath.Path(workdir)
-    return (p if p.is_absolute() else p.absolute()) / "checkpoints"
+    """``workdir/checkpoints`` as an absolute path (local or gs://)."""
+    return absolute_path(workdir) / "checkpoints"
 
 
 WRITER_PRIORITIES = ("normal", "low", "idle")

@@ -223,6 +223,23 @@ def test_config_errors_are_one_line_each(tmp_path):
                                               "the 3 processes")
 
 
+def test_config_init_from_unreadable_url_is_one_line(tmp_path, monkeypatch):
+    """A gs:// init_from the backend cannot reach (no network or credentials) is one error
+    line naming the field and the backend's first line, not the backend's traceback."""
+    from etils.epath import gpath
+
+    def unreachable(self):
+        raise RuntimeError("could not resolve host\nretrying ...")
+
+    monkeypatch.setattr(gpath.PosixGPath, "exists", unreachable)
+    cfg = _episodes_config(tmp_path)
+    cfg.init_from = "gs://bucket/params"
+    lines = _problems(cfg)
+    assert len(lines) == 1 and lines[0].startswith(
+        "config.init_from='gs://bucket/params' cannot be read (RuntimeError: could not resolve "
+        "host); point it at a params checkpoint"), lines
+
+
 def test_config_cache_mode_checks_the_cache(tmp_path):
     cfg = _episodes_config(tmp_path)
     cfg.data.update(mode="cache", vae_checkpoint="")

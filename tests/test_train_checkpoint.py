@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lavin_jax import train
-from lavin_jax.train_checkpoint import RunCheckpointer
+from lavin_jax.train_checkpoint import RunCheckpointer, checkpoints_dir
 
 CFG = ml_collections.ConfigDict({"x": 1})
 
@@ -182,3 +182,20 @@ def test_restore_into_a_changed_state_is_one_line(tmp_path):
     assert "params/w has shape (2, 3), needs (4, 3)" in msg and "missing opt/0/mu/c" in msg, msg
     assert "(+" in msg and "--config.init_from" in msg, msg  # more than 6 problems: counted
     ck.close()
+
+
+def test_checkpoint_paths_local_relative_and_urls(tmp_path, monkeypatch):
+    """Relative local paths become absolute (Orbax rejects them); gs:// URLs stay URLs (a
+    pathlib path made them local, cwd-prefixed "gs:/..." folders): params checkpoints, run
+    checkpoints and the VAE-checkpoint checks all resolve paths through the same helper."""
+    from lavin_jax import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert str(checkpoint.absolute_path("gs://bucket/run")) == "gs://bucket/run"
+    assert str(checkpoints_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+    assert checkpoint.absolute_path("rel/p") == tmp_path / "rel" / "p"
+    out = checkpoint.save_params("rel/p", {"toy": {"w": np.arange(3, dtype=np.float32)}})
+    assert str(out) == "rel/p/0"
+    params, meta = checkpoint.load_params("rel/p")
+    np.testing.assert_array_equal(params["toy"]["w"], np.arange(3))
+    assert meta["items"] == ["toy"]

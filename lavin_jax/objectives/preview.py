@@ -10,12 +10,12 @@ process can read it), and draws only on process 0 (others return :data:`PLACEHOL
 from __future__ import annotations
 
 import logging
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -116,7 +116,7 @@ class LatentDecoder:
             log.info("sample grids: config.data.vae_checkpoint=%r names no ST-VAE; latents are "
                      "shown in false colour (first 3 channels)", self.path)
             return
-        if not pathlib.Path(self.path).exists():
+        if not epath.Path(self.path).exists():
             log.warning("sample grids: config.data.vae_checkpoint=%s does not exist; latents "
                         "are shown in false colour", self.path)
             return
