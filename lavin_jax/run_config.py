@@ -120,7 +120,8 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
         try:
             found = epath.Path(init_from).exists()
         except Exception as e:  # e.g. gs:// without credentials or network: the backend's error
-            found = f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]})"
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            found = f"cannot be read ({type(e).__name__}: {first})"
         if found is not True:
             errors.append(f"config.init_from={init_from!r} {found or 'does not exist'}; point it "
                           f"at a params checkpoint (lavin_jax.checkpoint.save_params / "
