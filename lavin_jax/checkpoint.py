@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -52,6 +51,30 @@ MODEL_FACTORIES: dict[str, Callable[[Mapping[str, Any]], Callable[[], nnx.Module
     "jdit": _jdit_factory,
     "stvae": _stvae_factory,
 }
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (namedtuple), SequenceKey
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def tree_mismatches(want: Any, got: Any, sep: str = "/") -> list[str]:
+    """What keeps ``got`` from filling ``want``: shape differences, then missing and unexpected
+    leaves, one short phrase each (paths joined by ``sep``).
+
+    ``want``: the target tree (arrays or ShapeDtypeStructs); ``got``: arrays, or a saved tree's
+    Orbax metadata (its namedtuples read back as dicts, tuples as lists: paths compare by names).
+    """
+    def shapes(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {sep.join(map(_key_name, path)): tuple(getattr(x, "shape", ())) for path, x in flat}
+
+    w, g = shapes(want), shapes(got)
+    return ([f"{k} has shape {g[k]}, needs {v}" for k, v in w.items() if k in g and g[k] != v]
+            + [f"missing {k}" for k in w if k not in g]
+            + [f"unexpected {k}" for k in g if k not in w])
 
 
 def absolute_path(path: str | pathlib.Path) -> epath.Path:
@@ -189,13 +212,7 @@ def module_from_params(
     want = nnx.to_pure_dict(state)
     flat_want = dict(nnx.traversals.flatten_mapping(want))
     flat_got = dict(nnx.traversals.flatten_mapping(dict(params)))
-    problems = [f"missing {'.'.join(map(str, k))}" for k in flat_want if k not in flat_got]
-    problems += [f"unexpected {'.'.join(map(str, k))}" for k in flat_got if k not in flat_want]
-    problems += [
-        f"{'.'.join(map(str, k))}: shape {tuple(np.shape(flat_got[k]))} != {tuple(v.shape)}"
-        for k, v in flat_want.items()
-        if k in flat_got and tuple(np.shape(flat_got[k])) != tuple(v.shape)
-    ]
+    problems = tree_mismatches(want, dict(params), sep=".")
     if problems:
         raise ValueError("params do not fit the model: " + "; ".join(problems[:20]))
     if mesh is not None:

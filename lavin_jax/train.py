@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from lavin_jax import hostmem, sharding, train_state
 from lavin_jax.objectives import get_objective
 from lavin_jax.run_config import validate_config
-from lavin_jax.train_checkpoint import RunCheckpointer, tree_mismatches
+from lavin_jax.train_checkpoint import RunCheckpointer
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py:VARIANT).")
 flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
@@ -213,7 +213,8 @@ def _init_from(path: str, tr: train_state.Trainable, state: dict) -> dict:
     saved = mngr.item_metadata(step)
     mngr.close()
     problems = [f"{n}: {p}" for g, n in found.items()
-                for p in tree_mismatches(tr.abstract_state["params"][g], saved[n].tree)]
+                for p in params_ckpt.tree_mismatches(tr.abstract_state["params"][g],
+                                                     saved[n].tree)]
     if problems:
         raise ValueError(f"config.init_from={path!r} does not fit the configured model "
                          f"(check config.model): " + "; ".join(problems[:10]))

@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lavin_jax.checkpoint import absolute_path
+from lavin_jax.checkpoint import absolute_path, tree_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +80,6 @@ class DataSave(ocp.args.CheckpointArgs):
 class DataRestore(ocp.args.CheckpointArgs):
     def __init__(self, iterator: Any):
         self.iterator = iterator
-
-
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (namedtuple), SequenceKey
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def tree_mismatches(want: Any, got: Any) -> list[str]:
-    """What keeps a saved tree from restoring into ``want``: missing and unexpected leaves and
-    shape differences, one short phrase each.
-
-    ``want``: the target tree (arrays or ShapeDtypeStructs); ``got``: the saved tree's Orbax
-    metadata (its namedtuples read back as dicts, tuples as lists: paths compare by names).
-    """
-    def shapes(tree):
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {"/".join(map(_key_name, path)): tuple(getattr(x, "shape", ()))
-                for path, x in flat}
-
-    w, g = shapes(want), shapes(got)
-    return ([f"{k} has shape {g[k]}, needs {v}" for k, v in w.items() if k in g and g[k] != v]
-            + [f"missing {k}" for k in w if k not in g]
-            + [f"unexpected {k}" for k in g if k not in w])
 
 
 def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
