@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import threading
 from typing import Any
@@ -124,6 +125,32 @@ def snapshot_copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
+def snapshot_bytes(state: Any) -> dict[Any, int]:
+    """Bytes a copy of ``state`` takes on each of this process's devices."""
+    need: dict[Any, int] = {}
+    for x in jax.tree.leaves(state):
+        if isinstance(x, jax.Array):
+            n = math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for d in x.sharding.addressable_devices:
+                need[d] = need.get(d, 0) + n
+    return need
+
+
+def snapshot_shortfall(need: dict[Any, int]) -> str | None:
+    """None when ``need`` (``snapshot_bytes``) fits on every device beside the step's peak
+    (``peak_bytes_in_use``: the copy lives while the next steps run), else why not. Devices
+    without memory statistics (CPUs: host memory, where Orbax copies to anyway) always fit."""
+    for d, n in need.items():
+        stats = d.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            continue
+        free = stats["bytes_limit"] - stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+        if n > free:
+            return (f"{d}: the copy needs {n / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free at "
+                    f"the step's peak")
+    return None
+
+
 class RunCheckpointer:
     """Orbax CheckpointManager for a training run in ``workdir/checkpoints``.
 
@@ -136,8 +163,11 @@ class RunCheckpointer:
     3. Orbax's async commit serialises, writes and renames the step directory.
     With ``snapshot`` the caller returns after 1 and training runs on while 2 and 3 proceed;
     without it the caller waits for 2 (the next, donating step must not free buffers the save
-    still reads). Snapshots cost one state copy of device memory until Orbax has read it: the
-    default on CPU hosts, where Orbax copies to that same memory anyway. A ``low``/``idle``
+    still reads: on a GPU that is Orbax's device-to-host copy plus its Python, 0.13-0.4 s a
+    save for 5-100M-parameter states, BENCHMARKS.md). A snapshot costs one state copy of
+    device memory until Orbax has read it: ``snapshot=None`` (auto) turns it on at the first
+    save when it fits beside the step's peak memory on every device (``snapshot_shortfall``;
+    always on CPU hosts, where Orbax copies to that same memory anyway). A ``low``/``idle``
     writer priority lets the write take only the CPU the step leaves idle (a saturated
     few-core host; on TPU/GPU hosts it costs nothing either way).
     ``compression``: zstd on the state's chunks (Orbax's default). A freshly initialised state
@@ -146,18 +176,19 @@ class RunCheckpointer:
     """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
-                 writer_priority: str = "normal", snapshot: bool = False,
+                 writer_priority: str = "normal", snapshot: bool | None = False,
                  compression: bool = True):
         if writer_priority not in WRITER_PRIORITIES:
             raise ValueError(f"writer_priority={writer_priority!r}: use one of "
                              f"{WRITER_PRIORITIES}")
         self.directory = checkpoints_dir(workdir)
-        self.snapshot = snapshot and async_save
+        self.snapshot_mode = snapshot if async_save else False  # True | False | None = auto
+        self.snapshot = bool(self.snapshot_mode)  # auto: decided by the first save
         self.compression = compression
         self.writer_priority = writer_priority if async_save else "normal"
         self._writer = None
         self._pending: list[concurrent.futures.Future] = []
-        if async_save and (writer_priority != "normal" or self.snapshot):
+        if async_save and (writer_priority != "normal" or self.snapshot_mode is not False):
             self._writer = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="ckpt_writer", initializer=lower_thread_priority,
                 initargs=(writer_priority,))
@@ -179,15 +210,13 @@ class RunCheckpointer:
     def from_config(cls, workdir: str, cfg: ml_collections.ConfigDict,
                     max_to_keep: int | None = None) -> RunCheckpointer:
         """The run's checkpointer as the config sets it (keep_checkpoints, async_checkpointing,
-        checkpoint_writer_priority, checkpoint_compression, checkpoint_snapshot: None = on
-        when the devices are the host's CPUs)."""
+        checkpoint_writer_priority, checkpoint_compression, checkpoint_snapshot: None = auto,
+        i.e. whenever the copy fits in device memory)."""
         keep = cfg.get("keep_checkpoints", 3) if max_to_keep is None else max_to_keep
         snapshot = cfg.get("checkpoint_snapshot")
-        if snapshot is None:
-            snapshot = all(d.platform == "cpu" for d in jax.devices())
         return cls(workdir, max_to_keep=keep, async_save=cfg.get("async_checkpointing", True),
                    writer_priority=cfg.get("checkpoint_writer_priority", "normal"),
-                   snapshot=bool(snapshot),
+                   snapshot=None if snapshot is None else bool(snapshot),
                    compression=bool(cfg.get("checkpoint_compression", True)))
 
     def latest_step(self) -> int | None:
@@ -207,6 +236,7 @@ class RunCheckpointer:
         items = {"config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
         if iterator is not None:
             items["data"] = DataSave(iterator)
+        self.snapshot = self._use_snapshot(state)
         if self.snapshot:
             state = snapshot_copy(state)
 
@@ -227,6 +257,17 @@ class RunCheckpointer:
             else:
                 future.result()
         return future
+
+    def _use_snapshot(self, state: Any) -> bool:
+        """Decided at the first save (auto), when the steps so far set the memory peak; later
+        peaks would count this run's own snapshots."""
+        if self.snapshot_mode is None:
+            short = snapshot_shortfall(snapshot_bytes(state))
+            if short:
+                log.warning("checkpoint snapshot off (%s): each save waits for Orbax's "
+                            "device-to-host copy", short)
+            self.snapshot_mode = short is None
+        return self.snapshot_mode
 
     def saving(self) -> bool:
         """Whether a save is still being issued or written."""

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lavin_jax import train
+from lavin_jax import train, train_checkpoint
 from lavin_jax.train_checkpoint import RunCheckpointer, checkpoints_dir
 
 CFG = ml_collections.ConfigDict({"x": 1})
@@ -104,17 +104,65 @@ def test_nonfinite_state_is_not_written_and_errors_surface(tmp_path):
     ck.close()
 
 
-def test_snapshot_is_on_for_cpu_hosts_unless_set(tmp_path):
-    """``checkpoint_snapshot`` unset = on when the devices are CPUs (Orbax copies to that same
-    memory anyway); True/False force it."""
+def test_snapshot_auto_takes_one_when_it_fits(tmp_path, caplog):
+    """``checkpoint_snapshot`` unset = auto: decided at the first save, on when the copy fits
+    beside the step's peak on every device (CPU devices report no memory statistics: always);
+    True/False force it."""
+    state = {"w": jnp.ones((64, 64))}
     cfg = ml_collections.ConfigDict({"checkpoint_snapshot": None})
-    ck = RunCheckpointer.from_config(str(tmp_path), cfg)
-    assert ck.snapshot is (jax.devices()[0].platform == "cpu")
+    ck = RunCheckpointer.from_config(str(tmp_path / "a"), cfg)
+    assert ck.snapshot_mode is None and ck._writer is not None
+    ck.save(1, state, None, CFG)
+    assert ck.snapshot is True and ck.snapshot_mode is True
     ck.close()
     cfg.checkpoint_snapshot = False
-    ck = RunCheckpointer.from_config(str(tmp_path), cfg)
+    ck = RunCheckpointer.from_config(str(tmp_path / "b"), cfg)
+    ck.save(1, state, None, CFG)
     assert ck.snapshot is False
     ck.close()
+    cfg.checkpoint_snapshot = None  # a device without room: saved without, and said so once
+    ck = RunCheckpointer.from_config(str(tmp_path / "c"), cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_checkpoint, "snapshot_shortfall", lambda need: "gpu:0: no room")
+        with caplog.at_level("WARNING", logger=train_checkpoint.__name__):
+            ck.save(1, state, None, CFG)
+            ck.save(2, state, None, CFG)
+    assert ck.snapshot is False and ck.manager.all_steps() == [1, 2]
+    assert [r.message for r in caplog.records].count(
+        "checkpoint snapshot off (gpu:0: no room): each save waits for Orbax's device-to-host "
+        "copy") == 1
+    ck.close()
+
+
+class _Device:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+    def __str__(self):
+        return "cuda:0"
+
+
+def test_snapshot_bytes_and_shortfall():
+    """Per-device bytes of a copy (sharded arrays count their shard, replicated ones all of
+    it) against ``bytes_limit - peak_bytes_in_use``."""
+    mesh = jax.make_mesh((len(jax.devices()),), ("d",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    n = len(jax.devices())
+    state = {"a": jax.device_put(jnp.zeros((8 * n, 4)), sh), "b": jnp.zeros((3,), jnp.bfloat16)}
+    need = train_checkpoint.snapshot_bytes(state)
+    assert need[jax.devices()[0]] == 8 * 4 * 4 + 3 * 2
+    assert all(need[d] == 8 * 4 * 4 for d in jax.devices()[1:])
+    gib = 2**30
+    full = {_Device({"bytes_limit": 10 * gib, "peak_bytes_in_use": 9.5 * gib}): gib}
+    assert train_checkpoint.snapshot_shortfall(full) == (
+        "cuda:0: the copy needs 1.00 GiB, 0.50 GiB are free at the step's peak")
+    assert train_checkpoint.snapshot_shortfall(
+        {_Device({"bytes_limit": 10 * gib, "peak_bytes_in_use": 8 * gib}): gib}) is None
+    assert train_checkpoint.snapshot_shortfall({_Device(None): 100 * gib}) is None
 
 
 def _disk_bytes(path) -> int:
