@@ -31,8 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     # CPU priority of the async checkpoint writer's threads: "normal", "low" (nice 19) or
     # "idle" (SCHED_IDLE): the write takes idle CPU rather than the step's. Snapshot: copy the
     # state on its devices and let training run on while the save is issued; None (unset) =
-    # whenever the copy fits beside the step's peak device memory (train_checkpoint). Compression: zstd on the saved state
-    # (Orbax's default; a trained float32 state shrinks ~8-14%, a fresh one ~3x).
+    # whenever the copy fits beside the step's peak device memory (train_checkpoint).
+    # Compression: zstd on the saved state (Orbax's default; a trained float32 state shrinks
+    # ~8-14%, a fresh one ~3x).
     cfg.checkpoint_writer_priority = "idle"
     cfg.checkpoint_snapshot = ml_collections.config_dict.placeholder(bool)
     cfg.checkpoint_compression = True

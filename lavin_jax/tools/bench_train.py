@@ -37,7 +37,8 @@ Figures:
   per save and as a share of one step: the save call plus whatever of the snapshot copy still
   runs after it returned (the next step waits for it). The rest of the stall above is the
   background write competing with the step for the host's cores and memory (on TPU/GPU hosts
-  the step does not run on those).
+  the step does not run on those), or, where the loop is host-bound (tiny steps on a GPU),
+  for the GIL (Orbax's per-array Python; BENCHMARKS.md).
 ``--init_state WORKDIR[:STEP]`` times the saves with a run's checkpointed state (same config):
 a freshly initialised state compresses far better than a trained one.
 A human summary comes first, then one JSON object on the last line.
