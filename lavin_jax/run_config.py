@@ -107,15 +107,13 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
         module, cls = _MODEL_CONFIGS[model.name].split(":")
         _check(errors, lambda: getattr(importlib.import_module(module), cls).from_config(model),
                split=True)
-    from lavin_jax.objectives import REGISTRY
+    from lavin_jax.objectives import REGISTRY, check_objective
 
     if cfg.objective.get("name") not in REGISTRY:
         errors.append(f"config.objective.name={cfg.objective.get('name')!r}; "
                       f"use one of {sorted(REGISTRY)}")
-    if cfg.objective.get("name") == "flow" and cfg.get("flow") is not None:
-        from lavin_jax import flow
-
-        _check(errors, lambda: flow.TimeDist.from_config(cfg.flow))
+    else:  # its own blocks: unknown keys, sizes it cannot take
+        _check(errors, lambda: check_objective(cfg.objective.name, cfg))
     init_from = str(cfg.get("init_from", "") or "")
     if init_from:
         try:

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from lavin_jax import hostmem, sharding, train_state
 from lavin_jax.objectives import get_objective
-from lavin_jax.run_config import validate_config
+from lavin_jax.run_config import ConfigError, validate_config
 from lavin_jax.train_checkpoint import RunCheckpointer
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py:VARIANT).")
@@ -250,7 +250,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     hostmem.configure_from(FLAGS.config)  # before the backend starts
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    result = train(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train(FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:  # its lines are the message; a traceback adds nothing
+        raise SystemExit(f"lavin_jax.train: {e}") from None
     log.info("done at step %d: %s", result["step"], result["metrics"])
 
 

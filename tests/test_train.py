@@ -223,6 +223,34 @@ def test_config_errors_are_one_line_each(tmp_path):
                                               "the 3 processes")
 
 
+def test_config_objective_block_is_checked_before_any_compile(tmp_path):
+    """The objective's own block (built in validate_config): an image too small for the
+    discriminator (was a traceback from inside the first trace) and unknown keys. The train
+    binary prints the lines alone (no traceback) and exits non-zero."""
+    from configs import stvae
+
+    cfg = stvae.get_config("demo")
+    validate_config(cfg, 1)
+    cfg.data.image_size = 16
+    cfg.objective.disc.n_layers = 3
+    assert _problems(cfg, 1) == [
+        "config.data.image_size=16 is too small for the discriminator's 3 layers (needs >= 24); "
+        "raise it or lower config.objective.disc.n_layers"]
+    cfg.objective.disc.n_layers = 2  # 16 px leaves a 2x2 patch grid
+    validate_config(cfg, 1)
+    cfg.objective.l3_weight = 1.0
+    (line,) = _problems(cfg, 1)
+    assert line.startswith("config.objective has unknown keys ['l3_weight']")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lavin_jax.train", "--config=configs/stvae.py:demo",
+         "--config.data.image_size=16", f"--workdir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("lavin_jax.train: invalid config:\n  config.data.image_size=16 is too small"
+            in proc.stderr), proc.stderr[-2000:]
+
+
 def test_config_init_from_unreadable_url_is_one_line(tmp_path, monkeypatch):
     """A gs:// init_from the backend cannot reach (no network or credentials) is one error
     line naming the field and the backend's first line, not the backend's traceback."""

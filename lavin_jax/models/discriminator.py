@@ -48,6 +48,21 @@ class DiscConfig:
         return out
 
 
+def patch_grid_side(size: int, n_layers: int) -> int:
+    """Patch-grid side for an input side ``size`` (k4 p1 convs: stride 2 halves, 1 takes 1)."""
+    for _ in range(n_layers):
+        size = (size - 2) // 2 + 1
+    return size - 2
+
+
+def min_input_side(n_layers: int) -> int:
+    """The smallest input side that leaves the ``n_layers`` PatchGAN a patch to judge."""
+    size = 1
+    while patch_grid_side(size, n_layers) < 1:
+        size += 1
+    return size
+
+
 class PatchDiscriminator(nnx.Module):
     """NLayer PatchGAN: [B, T, H, W, C] -> logits [B, T, h, w, 1] (f32).
 
@@ -72,14 +87,8 @@ class PatchDiscriminator(nnx.Module):
         self.out = conv(widths[-1], 1, 1)
         self.n_layers = cfg.n_layers
 
-    def out_size(self, size: int) -> int:
-        """Patch-grid side for an input side ``size`` (k4 p1 convs: stride 2 halves, 1 takes 1)."""
-        for _ in range(self.n_layers):
-            size = (size - 2) // 2 + 1
-        return size - 2
-
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.out_size(min(x.shape[-3:-1])) < 1:
+        if patch_grid_side(min(x.shape[-3:-1]), self.n_layers) < 1:
             raise ValueError(f"discriminator input {x.shape[-3:-1]} is too small for "
                              f"{self.n_layers} layers; lower objective.disc.n_layers")
         h = constrain(jax.nn.leaky_relu(self.convs[0](x), 0.2), ACT_NAMES)

@@ -45,15 +45,28 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def get_objective(name: str, cfg: ml_collections.ConfigDict) -> Objective:
-    """The objective ``name`` built from the full run config (it reads its own block)."""
+def _module(name: str) -> tuple[Any, str]:
     if name not in REGISTRY:
         raise ValueError(f"unknown objective {name!r}; use one of {sorted(REGISTRY)}")
     module, factory = REGISTRY[name].split(":")
     try:
-        mod = importlib.import_module(module)
+        return importlib.import_module(module), factory
     except ModuleNotFoundError as e:
         if e.name != module:
             raise
         raise ValueError(f"objective {name!r}: {module} is not written yet") from e
+
+
+def get_objective(name: str, cfg: ml_collections.ConfigDict) -> Objective:
+    """The objective ``name`` built from the full run config (it reads its own block)."""
+    mod, factory = _module(name)
     return getattr(mod, factory)(cfg)
+
+
+def check_objective(name: str, cfg: ml_collections.ConfigDict) -> None:
+    """The objective module's ``check_config(cfg)``, if it has one: its config blocks checked
+    without building anything (loads no file, compiles nothing); raises ValueError."""
+    mod, _ = _module(name)
+    check = getattr(mod, "check_config", None)
+    if check is not None:
+        check(cfg)

@@ -30,6 +30,12 @@ VIS_EPISODES = 4  # episodes per grid
 VIS_PAIRS = 4  # context pairs shown per episode (the first ones)
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """For validate_config (objectives.check_objective): the config.flow block."""
+    if cfg.get("flow") is not None:
+        flow.TimeDist.from_config(cfg.flow)
+
+
 class FlowObjective:
     groups = ("model",)
 

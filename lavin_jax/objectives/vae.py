@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from lavin_jax import optim
-from lavin_jax.models.discriminator import DiscConfig, Discriminator
+from lavin_jax.models.discriminator import DiscConfig, Discriminator, min_input_side
 from lavin_jax.objectives import preview
 from lavin_jax.objectives.perceptual import FeatureNet
 
@@ -116,6 +116,35 @@ def decode_with_pullback(vae: nnx.Module, z: jax.Array) -> tuple[jax.Array, Call
 # ---------------------------------------------------------------------------------------------
 # The plug-in.
 
+def _checked_blocks(cfg: ml_collections.ConfigDict
+                    ) -> tuple[ml_collections.ConfigDict, DiscConfig]:
+    """config.objective over ``default_config()`` (nested blocks merged key by key) and its
+    discriminator config, checked against ``config.data.image_size``."""
+    o = default_config()
+    given = dict(cfg.get("objective", None) or {})
+    unknown = sorted(set(given) - set(o))
+    if unknown:
+        raise ValueError(f"config.objective has unknown keys {unknown}; known: {sorted(o)}")
+    for k, v in given.items():
+        if isinstance(o[k], ml_collections.ConfigDict):
+            o[k].update(dict(v))
+        else:
+            o[k] = v
+    disc = DiscConfig.from_config(o.disc)
+    size = (cfg.get("data") or {}).get("image_size")
+    need = min_input_side(disc.n_layers)
+    if isinstance(size, int) and size < need:  # else the first trace fails, deep in jit
+        raise ValueError(f"config.data.image_size={size} is too small for the discriminator's "
+                         f"{disc.n_layers} layers (needs >= {need}); raise it or lower "
+                         f"config.objective.disc.n_layers")
+    return o, disc
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """For validate_config (objectives.check_objective)."""
+    _checked_blocks(cfg)
+
+
 class VAEObjective:
     """The ST-VAE objective plug-in (see lavin_jax/objectives/__init__.py for the protocol).
 
@@ -127,18 +156,8 @@ class VAEObjective:
     groups = ("vae", "disc")
 
     def __init__(self, cfg: ml_collections.ConfigDict, model_ctor: Callable | None = None):
-        o = default_config()
-        given = dict(cfg.get("objective", None) or {})
-        unknown = sorted(set(given) - set(o))
-        if unknown:
-            raise ValueError(f"config.objective has unknown keys {unknown}; known: {sorted(o)}")
-        for k, v in given.items():  # nested blocks (disc, optim_*) merge key by key
-            if isinstance(o[k], ml_collections.ConfigDict):
-                o[k].update(dict(v))
-            else:
-                o[k] = v
+        o, self.disc_cfg = _checked_blocks(cfg)
         self.cfg, self.ocfg = cfg, o
-        self.disc_cfg = DiscConfig.from_config(o.disc)
         self.model_ctor = model_ctor
         self.perceptual = None
         if o.perceptual_weight > 0:
