@@ -33,6 +33,8 @@ def _run(argv, capsys) -> dict:
     assert len(last["checkpoint_stall_fractions"]) == last["saves"]
     assert last["checkpoint_writer_priority"] == "idle" and last["checkpoint_snapshot"] is True
     assert last["checkpoint_compression"] is True
+    # float32 params and two Adam moments at least (+ EMA, step, rng)
+    assert last["state_arrays"] > 4 and last["state_bytes"] > 3 * 4 * last["params"]
     assert last["data_kind"] == "synthetic"
     return last
 

@@ -38,7 +38,7 @@ Figures:
   runs after it returned (the next step waits for it). The rest of the stall above is the
   background write competing with the step for the host's cores and memory (on TPU/GPU hosts
   the step does not run on those), or, where the loop is host-bound (tiny steps on a GPU),
-  for the GIL (Orbax's per-array Python; BENCHMARKS.md).
+  for the GIL (Orbax's per-array Python: ``state_arrays``, with ``state_bytes``).
 ``--init_state WORKDIR[:STEP]`` times the saves with a run's checkpointed state (same config):
 a freshly initialised state compresses far better than a trained one.
 A human summary comes first, then one JSON object on the last line.
@@ -374,6 +374,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         real_fraction = float((np.sum(b["cond_seg"] > 0) + np.sum(b["x_seg"] > 0))
                               / (b["cond_seg"].size + b["x_seg"].size))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.state["params"]))
+    state_leaves = jax.tree.leaves(r.state)  # Orbax's per-array work scales with the count
     result = dict(
         config=args.config, overrides=[f"{k}={v}" for k, v in overrides], data_kind=args.data,
         objective=cfg.objective.name, params=n_params, global_batch=int(cfg.data.global_batch),
@@ -396,7 +397,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         checkpoint_overlap_steps=med("overlap_steps"),
         checkpoint_write_capped=any(s["write_capped"] for s in saves),
         checkpoint_writer_priority=ckpt.writer_priority, checkpoint_snapshot=ckpt.snapshot,
-        checkpoint_compression=ckpt.compression,
+        checkpoint_compression=ckpt.compression, state_arrays=len(state_leaves),
+        state_bytes=sum(int(x.nbytes) for x in state_leaves),
         checkpoint_stall_s=round(med("stall_s"), 4),
         checkpoint_stall_fraction=round(med("stall_fraction"), 4),
         checkpoint_stall_fractions=[round(x["stall_fraction"], 4) for x in saves],
