@@ -162,6 +162,8 @@ def test_snapshot_bytes_and_shortfall():
         "cuda:0: the copy needs 1.00 GiB, 0.50 GiB are free at the step's peak")
     assert train_checkpoint.snapshot_shortfall(
         {_Device({"bytes_limit": 10 * gib, "peak_bytes_in_use": 8 * gib}): gib}) is None
+    assert train_checkpoint.snapshot_shortfall(  # a tenth of the free memory stays spare
+        {_Device({"bytes_limit": 10 * gib, "peak_bytes_in_use": 8.95 * gib}): gib}) is not None
     assert train_checkpoint.snapshot_shortfall({_Device(None): 100 * gib}) is None
 
 
