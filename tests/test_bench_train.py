@@ -104,3 +104,15 @@ def test_init_state_times_a_runs_own_state(tmp_path, capsys):
     bench_train.apply_overrides(cfg, [("model.depth", "3")])
     with pytest.raises(SystemExit, match=r"does not fit this run's state .*blocks/.* shape \(2, "):
         bench_train.restore_state(bench_train.Runner(cfg), str(run))
+
+
+def test_bad_config_is_the_lines_alone():
+    """A config error exits with its lines (no traceback), before anything is built."""
+    from lavin_jax.tools import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["bench", "train", "--config", "configs/stvae.py:demo",
+                    "--config.data.image_size=16"])
+    assert str(e.value.code).startswith(
+        "bench train: invalid config:\n  config.data.image_size=16 is too small for the "
+        "discriminator's 3 layers"), e.value.code
