@@ -184,7 +184,6 @@ class RunCheckpointer:
                              f"{WRITER_PRIORITIES}")
         self.directory = checkpoints_dir(workdir)
         self.snapshot_mode = snapshot if async_save else False  # True | False | None = auto
-        self.snapshot = bool(self.snapshot_mode)  # auto: decided by the first save
         self.compression = compression
         self.writer_priority = writer_priority if async_save else "normal"
         self._writer = None
@@ -206,6 +205,11 @@ class RunCheckpointer:
             item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=compression)},
             options=options,
         )
+
+    @property
+    def snapshot(self) -> bool:
+        """Whether saves take a snapshot (auto: False until the first save decides)."""
+        return self.snapshot_mode is True
 
     @classmethod
     def from_config(cls, workdir: str, cfg: ml_collections.ConfigDict,
@@ -237,7 +241,7 @@ class RunCheckpointer:
         items = {"config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
         if iterator is not None:
             items["data"] = DataSave(iterator)
-        self.snapshot = self._use_snapshot(state)
+        self._decide_snapshot(state)
         if self.snapshot:
             state = snapshot_copy(state)
 
@@ -259,8 +263,8 @@ class RunCheckpointer:
                 future.result()
         return future
 
-    def _use_snapshot(self, state: Any) -> bool:
-        """Decided at the first save (auto), when the steps so far set the memory peak; later
+    def _decide_snapshot(self, state: Any) -> None:
+        """Auto: decided at the first save, when the steps so far set the memory peak; later
         peaks would count this run's own snapshots."""
         if self.snapshot_mode is None:
             short = snapshot_shortfall(snapshot_bytes(state))
@@ -268,7 +272,6 @@ class RunCheckpointer:
                 log.warning("checkpoint snapshot off (%s): each save waits for Orbax's "
                             "device-to-host copy", short)
             self.snapshot_mode = short is None
-        return self.snapshot_mode
 
     def saving(self) -> bool:
         """Whether a save is still being issued or written."""
