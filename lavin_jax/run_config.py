@@ -12,6 +12,7 @@ import ml_collections
 from etils import epath
 
 from lavin_jax import sharding
+from lavin_jax.checkpoint_writer import WRITER_PRIORITIES, WRITERS
 
 
 class ConfigError(ValueError):
@@ -28,13 +29,17 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.sample_every_steps = 0  # 0 = no sample grids
     cfg.keep_checkpoints = 3
     cfg.async_checkpointing = True
-    # CPU priority of the async checkpoint writer's threads: "normal", "low" (nice 19) or
-    # "idle" (SCHED_IDLE): the write takes idle CPU rather than the step's. Snapshot: copy the
-    # state on its devices and let training run on while the save is issued; None (unset) =
-    # whenever the copy fits beside the step's peak device memory (train_checkpoint).
+    # CPU priority of the async checkpoint writer (its process or thread): "normal", "low"
+    # (nice 19) or "idle" (SCHED_IDLE): the write takes idle CPU rather than the step's.
+    # Snapshot: copy the state on its devices and let training run on while the save is
+    # issued; None (unset) = whenever the copy fits beside the step's peak device memory
+    # (train_checkpoint).
     # Compression: zstd on the saved state (Orbax's default; a trained float32 state shrinks
     # ~8-14%, a fresh one ~3x).
     cfg.checkpoint_writer_priority = "idle"
+    # Who runs Orbax's save: "process" (a child process: its Python never holds the training
+    # loop's GIL) or "thread"; None (unset) = the process when the run is one process.
+    cfg.checkpoint_writer = ml_collections.config_dict.placeholder(str)
     cfg.checkpoint_snapshot = ml_collections.config_dict.placeholder(bool)
     cfg.checkpoint_compression = True
     # Host malloc: "reuse" keeps freed memory for reuse (XLA:CPU's per-step temporaries are
@@ -85,14 +90,20 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int, num_proces
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         if int(cfg.get(key, 0)) <= 0:
             errors.append(f"config.{key}={cfg.get(key)} must be a positive integer")
-    from lavin_jax.train_checkpoint import WRITER_PRIORITIES
-
     if cfg.get("checkpoint_writer_priority", "normal") not in WRITER_PRIORITIES:
         errors.append(f"config.checkpoint_writer_priority={cfg.checkpoint_writer_priority!r} "
                       f"must be one of {', '.join(WRITER_PRIORITIES)}")
+    writer = cfg.get("checkpoint_writer")
+    if writer not in (None, *WRITERS):
+        errors.append(f"config.checkpoint_writer={writer!r} must be one of {', '.join(WRITERS)} "
+                      "or unset (None: the process for single-process runs)")
+    elif writer == "process" and num_processes > 1:
+        errors.append(f"config.checkpoint_writer='process' needs a single-process run (this one "
+                      f"has {num_processes}; Orbax's multi-host commit runs in the JAX "
+                      "processes): use 'thread' or leave it unset")
     if cfg.get("checkpoint_snapshot") not in (None, True, False):
         errors.append(f"config.checkpoint_snapshot={cfg.checkpoint_snapshot!r} must be True, "
-                      "False or unset (None: on CPU hosts)")
+                      "False or unset (None: when the copy fits in device memory)")
     from lavin_jax.hostmem import MODES
 
     if cfg.get("host_malloc", "auto") not in MODES:

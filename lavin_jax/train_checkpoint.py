@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import threading
 from typing import Any
 
 import jax
@@ -22,6 +21,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lavin_jax.checkpoint import absolute_path, tree_mismatches
+from lavin_jax.checkpoint_writer import (
+    WRITER_PRIORITIES,
+    WRITERS,
+    WriterProcess,
+    lower_thread_priority,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +76,11 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 class DataSave(ocp.args.CheckpointArgs):
-    """The iterator's position now (the save may be written later, after it moved on)."""
+    """An iterator's position (``iterator.get_state()``, taken when the save is issued: it may
+    be written later, after the iterator moved on)."""
 
-    def __init__(self, iterator: Any):
-        self.state = iterator.get_state()
+    def __init__(self, state: dict):
+        self.state = state
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
@@ -86,37 +92,6 @@ class DataRestore(ocp.args.CheckpointArgs):
 def checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
     """``workdir/checkpoints`` as an absolute path (local or gs://)."""
     return absolute_path(workdir) / "checkpoints"
-
-
-WRITER_PRIORITIES = ("normal", "low", "idle")
-
-
-def lower_thread_priority(priority: str) -> None:
-    """Lowers the calling thread's CPU priority (Linux: per thread, inherited by the threads it
-    starts), and every existing tensorstore worker thread's, which Orbax writes with.
-
-    ``low``: nice 19. ``idle``: SCHED_IDLE, i.e. the thread runs only on CPU time no normal
-    thread wants (a waking train-step thread preempts it at once; nice 19 still gets a share).
-    Best effort: a no-op where the OS does not allow it.
-    """
-    if priority == "normal" or not hasattr(os, "setpriority"):
-        return
-    tids = [threading.get_native_id()]
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
-        try:  # a thread may exit while we look
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() == "ts_pool_worker":
-                    tids.append(int(tid))
-        except OSError:
-            pass
-    for tid in tids:
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < 19:
-                os.setpriority(os.PRIO_PROCESS, tid, 19)
-            if priority == "idle" and hasattr(os, "SCHED_IDLE"):
-                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
 
 
 @jax.jit
@@ -152,6 +127,26 @@ def snapshot_shortfall(need: dict[Any, int]) -> str | None:
     return None
 
 
+def make_manager(directory: str | os.PathLike, *, max_to_keep: int, async_save: bool,
+                 compression: bool) -> ocp.CheckpointManager:
+    """The run's CheckpointManager (items state, data, config); the writer process makes the
+    same one on the same directory."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        directory,
+        # Every item's handler named: a manager that has not saved yet (a resumed run, the
+        # writer process's parent) reads their metadata without guessing.
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=compression),
+                       "data": DataIteratorHandler(), "config": ocp.JsonCheckpointHandler()},
+        options=options,
+    )
+
+
 class RunCheckpointer:
     """Orbax CheckpointManager for a training run in ``workdir/checkpoints``.
 
@@ -159,18 +154,23 @@ class RunCheckpointer:
     1. the caller's thread captures the data position and the config and, with ``snapshot``,
        dispatches a copy of the state on its own devices (an async XLA copy; the next step may
        then donate the originals);
-    2. the writer thread (one, at ``writer_priority``) reads the finiteness flag (a non-finite
-       state is never written) and runs Orbax's save call (device-to-host copy, metadata);
-    3. Orbax's async commit serialises, writes and renames the step directory.
-    With ``snapshot`` the caller returns after 1 and training runs on while 2 and 3 proceed;
-    without it the caller waits for 2 (the next, donating step must not free buffers the save
-    still reads: on a GPU that is Orbax's device-to-host copy plus its Python, 0.13-0.4 s a
-    save for 5-100M-parameter states, BENCHMARKS.md). A snapshot costs one state copy of
-    device memory until Orbax has read it: ``snapshot=None`` (auto) turns it on at the first
+    2. a writer thread reads the finiteness flag (a non-finite state is never written), then
+       either (``writer="process"``) copies the state into shared memory and has the writer
+       process (lavin_jax.checkpoint_writer) run Orbax's save and commit at
+       ``writer_priority``, or (``"thread"``) runs Orbax's save call itself (device-to-host
+       copy, metadata) at ``writer_priority``;
+    3. (thread) Orbax's async commit serialises, writes and renames the step directory.
+    With ``snapshot`` the caller returns after 1 and training runs on; without it the caller
+    also waits for the host copy (the next, donating step must not free buffers the save still
+    reads: on a GPU, for a thread writer, that is Orbax's device-to-host copy plus its Python,
+    0.13-0.4 s a save for 5-100M-parameter states, BENCHMARKS.md). A snapshot costs one state
+    copy of device memory until it is read: ``snapshot=None`` (auto) turns it on at the first
     save when it fits beside the step's peak memory on every device (``snapshot_shortfall``;
-    always on CPU hosts, where Orbax copies to that same memory anyway). A ``low``/``idle``
-    writer priority lets the write take only the CPU the step leaves idle (a saturated
-    few-core host; on TPU/GPU hosts it costs nothing either way).
+    always on CPU hosts, where the copy goes to that same memory anyway).
+    ``writer=None`` (auto): the process where this run is one process (Orbax's Python, ~1.8 ms
+    per state array, then never holds the loop's GIL), else the thread (Orbax's multi-host
+    commit runs in the JAX processes). A ``low``/``idle`` writer priority lets the write take
+    only the CPU the step leaves idle (a saturated few-core host).
     ``compression``: zstd on the state's chunks (Orbax's default). A freshly initialised state
     (zero moments, zero-init layers) shrinks ~3x, a trained float32 one only ~8-14%, where
     zstd costs up to 3x the writer's CPU; ``False`` trades disk for that CPU.
@@ -178,33 +178,40 @@ class RunCheckpointer:
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
                  writer_priority: str = "normal", snapshot: bool | None = False,
-                 compression: bool = True):
+                 compression: bool = True, writer: str | None = "thread"):
         if writer_priority not in WRITER_PRIORITIES:
             raise ValueError(f"writer_priority={writer_priority!r}: use one of "
                              f"{WRITER_PRIORITIES}")
+        if writer not in (None, *WRITERS):
+            raise ValueError(f"writer={writer!r}: use one of {WRITERS} or None (auto)")
+        if writer is None:
+            writer = "process" if jax.process_count() == 1 else "thread"
+        if writer == "process" and jax.process_count() > 1:
+            raise ValueError("checkpoint_writer='process' needs a single-process run (Orbax's "
+                             "multi-host commit runs in the JAX processes): use 'thread', or "
+                             "leave it unset")
         self.directory = checkpoints_dir(workdir)
+        self.writer = writer if async_save else "thread"
         self.snapshot_mode = snapshot if async_save else False  # True | False | None = auto
         self.compression = compression
         self.writer_priority = writer_priority if async_save else "normal"
         self._writer = None
+        self._process = None
         self._pending: list[concurrent.futures.Future] = []
-        if async_save and (writer_priority != "normal" or self.snapshot_mode is not False):
+        if self.writer == "process":
+            self._process = WriterProcess(self.directory, max_to_keep=max_to_keep,
+                                          compression=compression, priority=writer_priority)
+            # Only copies and waits: at normal priority (a preempted low-priority thread
+            # holding the GIL would stall the loop).
+            self._writer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="ckpt_stager")
+        elif async_save and (writer_priority != "normal" or self.snapshot_mode is not False):
             self._writer = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="ckpt_writer", initializer=lower_thread_priority,
                 initargs=(writer_priority,))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            item_names=("state", "data", "config"),
-            # The standard handler's PyTree handler, with its compression switch exposed.
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=compression)},
-            options=options,
-        )
+        self.manager = make_manager(
+            self.directory, max_to_keep=max_to_keep,
+            async_save=async_save and self.writer == "thread", compression=compression)
 
     @property
     def snapshot(self) -> bool:
@@ -215,14 +222,15 @@ class RunCheckpointer:
     def from_config(cls, workdir: str, cfg: ml_collections.ConfigDict,
                     max_to_keep: int | None = None) -> RunCheckpointer:
         """The run's checkpointer as the config sets it (keep_checkpoints, async_checkpointing,
-        checkpoint_writer_priority, checkpoint_compression, checkpoint_snapshot: None = auto,
-        i.e. whenever the copy fits in device memory)."""
+        checkpoint_writer: None = auto, checkpoint_writer_priority, checkpoint_compression,
+        checkpoint_snapshot: None = auto, i.e. whenever the copy fits in device memory)."""
         keep = cfg.get("keep_checkpoints", 3) if max_to_keep is None else max_to_keep
         snapshot = cfg.get("checkpoint_snapshot")
         return cls(workdir, max_to_keep=keep, async_save=cfg.get("async_checkpointing", True),
                    writer_priority=cfg.get("checkpoint_writer_priority", "normal"),
                    snapshot=None if snapshot is None else bool(snapshot),
-                   compression=bool(cfg.get("checkpoint_compression", True)))
+                   compression=bool(cfg.get("checkpoint_compression", True)),
+                   writer=cfg.get("checkpoint_writer"))
 
     def latest_step(self) -> int | None:
         self._drain()
@@ -234,21 +242,29 @@ class RunCheckpointer:
 
         ``finite``: a scalar bool array (e.g. dispatched, not yet computed); when False the
         step is not written (logged). Returns a future of whether it was written: done unless
-        ``snapshot``. First waits for an earlier save still being issued (so at most one
-        snapshot waits for the writer) and raises its error, if any.
+        the save runs on after this call returns. First waits for the save before it (so at
+        most one is in flight, as Orbax allows) and raises its error, if any.
         """
         self._drain()
-        items = {"config": ocp.args.JsonSave(json.loads(cfg.to_json_best_effort()))}
-        if iterator is not None:
-            items["data"] = DataSave(iterator)
+        config = json.loads(cfg.to_json_best_effort())
+        data = None if iterator is None else iterator.get_state()
         self._decide_snapshot(state)
         if self.snapshot:
             state = snapshot_copy(state)
+        staged = None
+        if self._process and not self.snapshot:  # the next step may donate what it reads
+            staged = self._process.stage(state)
 
         def write() -> bool:
             if finite is not None and not bool(jax.device_get(finite)):
                 log.error("step %d: parameters are not finite; checkpoint NOT written", step)
                 return False
+            if self._process:
+                return self._process.save(step, staged or self._process.stage(state), data,
+                                          config, force)
+            items = {"config": ocp.args.JsonSave(config)}
+            if data is not None:
+                items["data"] = DataSave(data)
             return self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeSave(state), **items), force=force)
 
@@ -257,7 +273,7 @@ class RunCheckpointer:
             future.set_result(write())
         else:
             future = self._writer.submit(write)
-            if self.snapshot:
+            if self.snapshot or self._process:
                 self._pending.append(future)  # drained by the next save / wait / close
             else:
                 future.result()
@@ -269,7 +285,7 @@ class RunCheckpointer:
         if self.snapshot_mode is None:
             short = snapshot_shortfall(snapshot_bytes(state))
             if short:
-                log.warning("checkpoint snapshot off (%s): each save waits for Orbax's "
+                log.warning("checkpoint snapshot off (%s): each save waits for its "
                             "device-to-host copy", short)
             self.snapshot_mode = short is None
 
@@ -281,6 +297,8 @@ class RunCheckpointer:
     def _drain(self) -> None:
         while self._pending:
             self._pending.pop(0).result()
+        if self._process:  # the writer process's steps (and its keep policy's deletions)
+            self.manager.reload()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> Any:
         """The train state of ``step``; ``iterator`` (if given) is set to its saved position."""
@@ -314,6 +332,8 @@ class RunCheckpointer:
         try:
             self._drain()
         finally:
+            if self._process:
+                self._process.close()
             self.manager.close()
             if self._writer:
                 self._writer.shutdown()

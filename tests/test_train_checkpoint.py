@@ -127,9 +127,10 @@ def test_snapshot_auto_takes_one_when_it_fits(tmp_path, caplog):
         with caplog.at_level("WARNING", logger=train_checkpoint.__name__):
             ck.save(1, state, None, CFG)
             ck.save(2, state, None, CFG)
+    ck.wait()
     assert ck.snapshot is False and ck.manager.all_steps() == [1, 2]
     assert [r.message for r in caplog.records].count(
-        "checkpoint snapshot off (gpu:0: no room): each save waits for Orbax's device-to-host "
+        "checkpoint snapshot off (gpu:0: no room): each save waits for its device-to-host "
         "copy") == 1
     ck.close()
 
