@@ -27,6 +27,7 @@ Kept light at import (stdlib, numpy): the child lowers its priority before impor
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 import os
@@ -40,6 +41,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 WRITERS = ("thread", "process")
 WRITER_PRIORITIES = ("normal", "low", "idle")
@@ -144,7 +147,7 @@ class WriterProcess:
         self._recv = Connection(rep_r, writable=False)
         self._size = size
         self._ready = False
-        self._send.send(self.options)
+        self._post(self.options)
 
     def stage(self, state: Any) -> tuple[Any, list]:
         """Copies ``state``'s arrays (device -> host where needed) into the buffer:
@@ -153,7 +156,11 @@ class WriterProcess:
 
         leaves, treedef = jax.tree.flatten(state)
         specs, size = layout(leaves)
-        if size != self._size or self._proc is None or self._proc.poll() is not None:
+        if self._proc is not None and self._proc.poll() is not None:
+            log.warning("checkpoint writer process exited (status %s) between saves; starting "
+                        "a new one", self._proc.returncode)
+            self._proc = None
+        if size != self._size or self._proc is None:
             self._start(size)
         for x in leaves:  # start every device-to-host copy before waiting on the first
             if hasattr(x, "copy_to_host_async"):
@@ -167,12 +174,16 @@ class WriterProcess:
         """Has the child write ``staged`` as ``step``; blocks until it is committed. -> whether
         Orbax wrote it (its save policy may decline a step that is not forced)."""
         skeleton, specs = staged
-        self._send.send(dict(op="save", step=step, skeleton=skeleton, specs=specs, data=data,
-                             config=config, force=force))
+        self._post(dict(op="save", step=step, skeleton=skeleton, specs=specs, data=data,
+                        config=config, force=force))
         if not self._ready:
             self._reply(step)
             self._ready = True
         return bool(self._reply(step)["written"])
+
+    def _post(self, msg: dict) -> None:
+        with contextlib.suppress(OSError):  # a dead child: its reply's EOF says so
+            self._send.send(msg)
 
     def _reply(self, step: int) -> dict:
         try:
@@ -187,17 +198,17 @@ class WriterProcess:
 
     def close(self, timeout: float = 60.0) -> None:
         """Stops the child (after the save it is writing, which the caller waited for)."""
-        if self._proc is None:
+        if self._send is None:
             return
-        with contextlib.suppress(OSError):  # the child may have exited already
-            self._send.send(dict(op="close"))
+        self._post(dict(op="close"))
         for c in (self._send, self._recv):
             c.close()
-        try:
-            self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
         self._buf.close()
         self._proc = self._buf = self._send = self._recv = None
         self._size = -1
@@ -240,7 +251,14 @@ def main(argv: list[str]) -> None:
         options["directory"], max_to_keep=options["max_to_keep"], async_save=False,
         compression=options["compression"])
     buf = mmap.mmap(buf_fd, os.fstat(buf_fd).st_size)
-    send.send(dict(ready=True))
+
+    def reply(msg: dict) -> None:
+        try:
+            send.send(msg)
+        except OSError:  # the parent closed or died: nobody to write for
+            os._exit(1)
+
+    reply(dict(ready=True))
     while True:
         with ready:
             ready.wait_for(lambda: inbox)
@@ -258,9 +276,10 @@ def main(argv: list[str]) -> None:
                                    force=msg["force"])
             manager.wait_until_finished()
             del arrays, state, items  # views of the buffer
-            send.send(dict(written=bool(written)))
         except Exception:  # noqa: BLE001  (reported to the parent, which raises it)
-            send.send(dict(error=traceback.format_exc()))
+            reply(dict(error=traceback.format_exc()))
+        else:
+            reply(dict(written=bool(written)))
     manager.close()
 
 

@@ -234,6 +234,7 @@ class RunCheckpointer:
 
     def latest_step(self) -> int | None:
         self._drain()
+        self._reload()
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, iterator: Any | None, cfg: ml_collections.ConfigDict,
@@ -297,12 +298,15 @@ class RunCheckpointer:
     def _drain(self) -> None:
         while self._pending:
             self._pending.pop(0).result()
+
+    def _reload(self) -> None:
         if self._process:  # the writer process's steps (and its keep policy's deletions)
             self.manager.reload()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any | None) -> Any:
         """The train state of ``step``; ``iterator`` (if given) is set to its saved position."""
         self._drain()
+        self._reload()
         problems = tree_mismatches(abstract_state, self.manager.item_metadata(step)["state"].tree)
         if problems:  # before Orbax starts reading (its own error is one per array)
             raise ValueError(
@@ -326,6 +330,7 @@ class RunCheckpointer:
     def wait(self) -> None:
         """Until every save is issued and written (errors raised)."""
         self._drain()
+        self._reload()
         self.manager.wait_until_finished()
 
     def close(self) -> None:

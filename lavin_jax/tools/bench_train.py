@@ -396,6 +396,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         checkpoint_write_s=round(med("write_s"), 4),
         checkpoint_overlap_steps=med("overlap_steps"),
         checkpoint_write_capped=any(s["write_capped"] for s in saves),
+        checkpoint_writer=ckpt.writer,
         checkpoint_writer_priority=ckpt.writer_priority, checkpoint_snapshot=ckpt.snapshot,
         checkpoint_compression=ckpt.compression, state_arrays=len(state_leaves),
         state_bytes=sum(int(x.nbytes) for x in state_leaves),
@@ -420,8 +421,9 @@ def main(argv: list[str]) -> dict[str, Any]:
           f"{result['checkpoint_stall_fraction']:.1%} of the overlapping steps "
           f"({result['checkpoint_stall_steps']:.2f} steps); the loop blocked "
           f"{result['checkpoint_blocking_s']:.3f} s = {result['checkpoint_blocking_fraction']:.1%}"
-          f" of a step (save call + the snapshot copy's rest), writer priority "
-          f"{ckpt.writer_priority}, snapshot {ckpt.snapshot}, compression {ckpt.compression}")
+          f" of a step (save call + the snapshot copy's rest), writer {ckpt.writer} at "
+          f"priority {ckpt.writer_priority}, snapshot {ckpt.snapshot}, compression "
+          f"{ckpt.compression}")
     if result["checkpoint_write_capped"]:
         print(f"  a write outlasted --max_overlap={args.max_overlap} steps: its remaining "
               "stall is not counted; raise --max_overlap")
