@@ -49,9 +49,10 @@ WRITER_PRIORITIES = ("normal", "low", "idle")
 _ALIGN = 64
 
 
-def lower_thread_priority(priority: str) -> None:
+def lower_thread_priority(priority: str, every_thread: bool = False) -> None:
     """Lowers the calling thread's CPU priority (Linux: per thread, inherited by the threads it
-    starts), and every existing tensorstore worker thread's, which Orbax writes with.
+    starts), and every existing tensorstore worker thread's, which Orbax writes with
+    (``every_thread``: all of this process's threads).
 
     ``low``: nice 19. ``idle``: SCHED_IDLE, i.e. the thread runs only on CPU time no normal
     thread wants (a waking train-step thread preempts it at once; nice 19 still gets a share).
@@ -63,7 +64,7 @@ def lower_thread_priority(priority: str) -> None:
     for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
         try:  # a thread may exit while we look
             with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() == "ts_pool_worker":
+                if every_thread or f.read().strip() == "ts_pool_worker":
                     tids.append(int(tid))
         except OSError:
             pass
@@ -237,7 +238,9 @@ def main(argv: list[str]) -> None:
     send = Connection(int(argv[2]), readable=False)
     buf_fd = int(argv[3])
     options = recv.recv()
-    lower_thread_priority(options["priority"])  # before any thread starts: they inherit it
+    # Before JAX's and Orbax's threads start (they inherit it); every_thread: BLAS's, started
+    # when numpy loaded.
+    lower_thread_priority(options["priority"], every_thread=True)
     inbox: list[dict] = []
     ready = threading.Condition()
     threading.Thread(target=_watch, args=(recv, inbox, ready), daemon=True).start()

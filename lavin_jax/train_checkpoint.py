@@ -218,6 +218,11 @@ class RunCheckpointer:
         """Whether saves take a snapshot (auto: False until the first save decides)."""
         return self.snapshot_mode is True
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (None: a thread writes, or no save started it yet)."""
+        return self._process.pid if self._process else None
+
     @classmethod
     def from_config(cls, workdir: str, cfg: ml_collections.ConfigDict,
                     max_to_keep: int | None = None) -> RunCheckpointer:

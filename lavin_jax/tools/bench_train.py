@@ -32,7 +32,8 @@ Figures:
   sets Orbax up).
   The same in process CPU seconds (``step_cpu_s``, ``checkpoint_stall_cpu_*``: the CPU work
   the save adds, all threads), the figure a shared, loaded host does not blur; the host's
-  1-minute load average is reported with them.
+  1-minute load average is reported with them. With the writer process (``checkpoint_writer``)
+  its own CPU per save is ``checkpoint_writer_process_cpu_s`` (Linux).
 - ``checkpoint_blocking_s`` / ``checkpoint_blocking_fraction``: what the loop itself waits for,
   per save and as a share of one step: the save call plus whatever of the snapshot copy still
   runs after it returned (the next step waits for it). The rest of the stall above is the
@@ -306,6 +307,7 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
     out = []
     for _ in range(saves):
         before = after
+        writer_cpu = _process_cpu_s(ckpt.writer_pid)
         t0 = time.perf_counter()
         train._save(ckpt, r.step, r.state, r.data, r.cfg)
         call = time.perf_counter() - t0
@@ -315,6 +317,7 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
         written = time.perf_counter() - t0
         capped = ckpt.saving()  # the stall then misses the write's rest
         ckpt.wait()
+        writer_cpu = _process_cpu_s(ckpt.writer_pid) - writer_cpu
         after = [r.paced() for _ in range(settle + 1)][1:]  # the first may hold wait()'s time
         base = tuple(statistics.median(t[i] for t in before + after) for i in (0, 1))
         n = len(steps)
@@ -325,8 +328,21 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
                         stall_steps=stall / base[0], stall_cpu_s=stall_cpu,
                         stall_cpu_fraction=stall_cpu / (n * base[1]),
                         first_save_s=first, finite_check_s=check, write_capped=capped,
-                        blocking_s=call + copy, copy_after_call_s=copy))
+                        blocking_s=call + copy, copy_after_call_s=copy,
+                        writer_process_cpu_s=writer_cpu))
     return out
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) another process has used so far (Linux; else 0)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str]) -> dict[str, Any]:
@@ -409,6 +425,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             med("stall_steps") / int(cfg.checkpoint_every_steps), 6),
         checkpoint_stall_cpu_s=round(med("stall_cpu_s"), 4),
         checkpoint_stall_cpu_fraction=round(med("stall_cpu_fraction"), 4),
+        checkpoint_writer_process_cpu_s=round(med("writer_process_cpu_s"), 4),
         host_cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
     )
     print(f"train step ({cfg.objective.name}, {args.config}, {args.data} data, "
