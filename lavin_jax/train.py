@@ -91,6 +91,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     data = make_iterator(cfg, objective)
     ckpt = RunCheckpointer.from_config(workdir, cfg)
+    log.info("checkpoints: %s (writer %s at priority %s, snapshot %s, compression %s)",
+             ckpt.directory, ckpt.writer, ckpt.writer_priority,
+             {True: "on", False: "off", None: "auto"}[ckpt.snapshot_mode], ckpt.compression)
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("resuming from %s step %d", ckpt.directory, latest)
