@@ -40,6 +40,11 @@ Figures:
   background write competing with the step for the host's cores and memory (on TPU/GPU hosts
   the step does not run on those), or, where the loop is host-bound (tiny steps on a GPU),
   for the GIL (Orbax's per-array Python: ``state_arrays``, with ``state_bytes``).
+- ``--spinner N``: the control for the in-flight figure. N rounds of a process that only spins
+  on the CPU at the writer's priority, for as many steps as a save overlapped (median), timed
+  as the saves: ``idle_spinner_stall_fraction`` (median), ``idle_spinner_stall_fractions``.
+  It is what the scheduler alone lets a background writer cost on this host (no memory
+  traffic, no I/O, no GIL).
 ``--init_state WORKDIR[:STEP]`` times the saves with a run's checkpointed state (same config):
 a freshly initialised state compresses far better than a trained one.
 A human summary comes first, then one JSON object on the last line.
@@ -54,6 +59,8 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -82,6 +89,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
                    help="steps without a save before and after each timed save (its baseline)")
     p.add_argument("--saves", type=int, default=5, help="checkpoint saves timed")
     p.add_argument("--max_overlap", type=int, default=50, help="steps timed after a save, at most")
+    p.add_argument("--spinner", type=int, default=0, metavar="N",
+                   help="N control rounds: a process at the writer's priority that only spins "
+                        "on the CPU for as many steps as a save overlapped, timed as the saves "
+                        "(the floor any background writer has on this host)")
     p.add_argument("--latent_size", type=int, default=None,
                    help="synthetic J-DiT latent side (default: data.resolutions[0] / VAE 4x or 8x)")
     p.add_argument("--frames", type=int, default=1, help="synthetic ST-VAE clip frames")
@@ -319,17 +330,49 @@ def time_saves(r: Runner, ckpt: RunCheckpointer, saves: int, max_overlap: int,
         ckpt.wait()
         writer_cpu = _process_cpu_s(ckpt.writer_pid) - writer_cpu
         after = [r.paced() for _ in range(settle + 1)][1:]  # the first may hold wait()'s time
-        base = tuple(statistics.median(t[i] for t in before + after) for i in (0, 1))
-        n = len(steps)
-        stall = sum(w for w, _ in steps) - n * base[0]
-        stall_cpu = sum(c for _, c in steps) - n * base[1]
-        out.append(dict(save_call_s=call, write_s=written, overlap_steps=n, base_s=base[0],
-                        base_cpu_s=base[1], stall_s=stall, stall_fraction=stall / (n * base[0]),
-                        stall_steps=stall / base[0], stall_cpu_s=stall_cpu,
-                        stall_cpu_fraction=stall_cpu / (n * base[1]),
-                        first_save_s=first, finite_check_s=check, write_capped=capped,
-                        blocking_s=call + copy, copy_after_call_s=copy,
-                        writer_process_cpu_s=writer_cpu))
+        out.append(dict(save_call_s=call, write_s=written, first_save_s=first,
+                        finite_check_s=check, write_capped=capped, blocking_s=call + copy,
+                        copy_after_call_s=copy, writer_process_cpu_s=writer_cpu,
+                        **_stall(steps, before + after)))
+    return out
+
+
+def _stall(steps: list[tuple[float, float]], around: list[tuple[float, float]]
+           ) -> dict[str, float]:
+    """``steps`` (wall s, CPU s) against the median of the steps ``around`` them."""
+    base = tuple(statistics.median(t[i] for t in around) for i in (0, 1))
+    n = len(steps)
+    stall = sum(w for w, _ in steps) - n * base[0]
+    stall_cpu = sum(c for _, c in steps) - n * base[1]
+    return dict(overlap_steps=n, base_s=base[0], base_cpu_s=base[1], stall_s=stall,
+                stall_fraction=stall / (n * base[0]), stall_steps=stall / base[0],
+                stall_cpu_s=stall_cpu, stall_cpu_fraction=stall_cpu / (n * base[1]))
+
+
+_SPIN = ("from lavin_jax.checkpoint_writer import lower_thread_priority\n"
+         "lower_thread_priority({!r}, every_thread=True)\n"
+         "print(flush=True)\n"
+         "while True: pass")
+
+
+def time_spinner(r: Runner, rounds: int, steps: int, settle: int) -> list[dict[str, float]]:
+    """The control: per round, a process that only spins on the CPU, at the writer's priority,
+    while ``steps`` steps run, timed as ``time_saves`` times a save. What it costs is what
+    scheduling alone lets any background writer cost (no memory traffic, no I/O, no GIL)."""
+    code = _SPIN.format(r.cfg.get("checkpoint_writer_priority", "idle"))
+    after = [r.paced() for _ in range(settle)]
+    out = []
+    for _ in range(rounds):
+        before = after
+        spin = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        spin.stdout.readline()  # running, at its priority
+        try:
+            timed = [r.paced() for _ in range(steps)]
+        finally:
+            spin.kill()
+            spin.wait()
+        after = [r.paced() for _ in range(settle)]
+        out.append(_stall(timed, before + after))
     return out
 
 
@@ -378,6 +421,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         ckpt = RunCheckpointer.from_config(workdir, cfg, max_to_keep=2)
         try:
             saves = time_saves(r, ckpt, args.saves, args.max_overlap, args.settle)
+            spins = time_spinner(r, args.spinner, max(1, round(statistics.median(
+                s["overlap_steps"] for s in saves))), args.settle) if args.spinner else []
         finally:
             ckpt.wait()
             ckpt.close()
@@ -428,6 +473,12 @@ def main(argv: list[str]) -> dict[str, Any]:
         checkpoint_writer_process_cpu_s=round(med("writer_process_cpu_s"), 4),
         host_cpus=os.cpu_count(), load_avg_1m=round(os.getloadavg()[0], 2),
     )
+    if spins:
+        result.update(
+            idle_spinner_stall_fraction=round(
+                statistics.median(x["stall_fraction"] for x in spins), 4),
+            idle_spinner_stall_fractions=[round(x["stall_fraction"], 4) for x in spins],
+            idle_spinner_steps=spins[0]["overlap_steps"])
     print(f"train step ({cfg.objective.name}, {args.config}, {args.data} data, "
           f"{n_params / 1e6:.2f}M params, batch {result['global_batch']}): "
           f"{result['steps_per_s']:.3f} steps/s, {result['tokens_per_s']:.0f} tokens/s, "
@@ -441,6 +492,10 @@ def main(argv: list[str]) -> dict[str, Any]:
           f" of a step (save call + the snapshot copy's rest), writer {ckpt.writer} at "
           f"priority {ckpt.writer_priority}, snapshot {ckpt.snapshot}, compression "
           f"{ckpt.compression}")
+    if spins:
+        print(f"  control: a spinning process at the writer's priority over "
+              f"{result['idle_spinner_steps']} steps slows them "
+              f"{result['idle_spinner_stall_fraction']:.1%} (the floor on this host)")
     if result["checkpoint_write_capped"]:
         print(f"  a write outlasted --max_overlap={args.max_overlap} steps: its remaining "
               "stall is not counted; raise --max_overlap")
@@ -449,6 +504,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv)
