@@ -44,7 +44,7 @@ def test_jdit_tiny_config(capsys):
                capsys)
     # the writer process (auto, one process) and its CPU; the spinning control, timed alike
     assert out["checkpoint_writer"] == "process" and out["checkpoint_writer_process_cpu_s"] >= 0
-    assert len(out["idle_spinner_stall_fractions"]) == 1
+    assert len(out["idle_spinner_stall_fractions"]) == 1 and out["idle_spinner_cpu_s"] >= 0
     assert out["idle_spinner_steps"] == max(1, round(out["checkpoint_overlap_steps"]))
     # rows: 8x8 latents / patch 2 = 16 tokens a frame; Lx 32 -> 2 episodes of 4 + 1 frames
     assert out["batch_shapes"]["cond"] == [8, 128, 64] and out["batch_shapes"]["x"] == [8, 32, 64]

@@ -42,7 +42,8 @@ Figures:
   for the GIL (Orbax's per-array Python: ``state_arrays``, with ``state_bytes``).
 - ``--spinner N``: the control for the in-flight figure. N rounds of a process that only spins
   on the CPU at the writer's priority, for as many steps as a save overlapped (median), timed
-  as the saves: ``idle_spinner_stall_fraction`` (median), ``idle_spinner_stall_fractions``.
+  as the saves: ``idle_spinner_stall_fraction`` (median), ``idle_spinner_stall_fractions``,
+  ``idle_spinner_cpu_s`` (the CPU it got per round).
   It is what the scheduler alone lets a background writer cost on this host (no memory
   traffic, no I/O, no GIL).
 ``--init_state WORKDIR[:STEP]`` times the saves with a run's checkpointed state (same config):
@@ -367,12 +368,14 @@ def time_spinner(r: Runner, rounds: int, steps: int, settle: int) -> list[dict[s
         spin = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
         spin.stdout.readline()  # running, at its priority
         try:
+            cpu = _process_cpu_s(spin.pid)
             timed = [r.paced() for _ in range(steps)]
+            cpu = _process_cpu_s(spin.pid) - cpu
         finally:
             spin.kill()
             spin.wait()
         after = [r.paced() for _ in range(settle)]
-        out.append(_stall(timed, before + after))
+        out.append(dict(_stall(timed, before + after), spinner_cpu_s=cpu))
     return out
 
 
@@ -478,7 +481,8 @@ def main(argv: list[str]) -> dict[str, Any]:
             idle_spinner_stall_fraction=round(
                 statistics.median(x["stall_fraction"] for x in spins), 4),
             idle_spinner_stall_fractions=[round(x["stall_fraction"], 4) for x in spins],
-            idle_spinner_steps=spins[0]["overlap_steps"])
+            idle_spinner_steps=spins[0]["overlap_steps"],
+            idle_spinner_cpu_s=round(statistics.median(x["spinner_cpu_s"] for x in spins), 3))
     print(f"train step ({cfg.objective.name}, {args.config}, {args.data} data, "
           f"{n_params / 1e6:.2f}M params, batch {result['global_batch']}): "
           f"{result['steps_per_s']:.3f} steps/s, {result['tokens_per_s']:.0f} tokens/s, "
