@@ -133,14 +133,23 @@ class WriterProcess:
         fd = _shared_fd(size)
         cmd_r, cmd_w = os.pipe()
         rep_r, rep_w = os.pipe()
+        # The child imports what this process can (its sys.path, e.g. a script's additions),
+        # and never the accelerator: the parent holds it (a TPU admits one process).
+        path = [p or os.getcwd() for p in sys.path]
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "lavin_jax.checkpoint_writer", str(cmd_r), str(rep_w),
-                 str(fd)],
-                pass_fds=(cmd_r, rep_w, fd),
-                # Never the accelerator: the parent holds it (a TPU admits one process).
-                env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                 str(fd)], pass_fds=(cmd_r, rep_w, fd), env=env)
             self._buf = mmap.mmap(fd, max(size, 1))
+        except OSError as e:
+            if self._proc is not None:  # started, but its buffer could not be mapped
+                self._proc.kill()
+                self._proc = None
+            os.close(cmd_w)
+            os.close(rep_r)
+            raise RuntimeError(f"could not start the checkpoint writer process ({e}); set "
+                               "--config.checkpoint_writer=thread to write from a thread") from e
         finally:
             for f in (cmd_r, rep_w, fd):
                 os.close(f)
