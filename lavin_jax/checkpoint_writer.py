@@ -200,6 +200,7 @@ class WriterProcess:
             msg = self._recv.recv()
         except (EOFError, OSError):
             code = self._proc.wait() if self._proc else None
+            self.close()  # the next save starts a new child
             raise RuntimeError(f"checkpoint writer process exited (status {code}) before step "
                                f"{step} was written; its error is in this run's stderr") from None
         if "error" in msg:
