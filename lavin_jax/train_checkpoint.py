@@ -167,10 +167,11 @@ class RunCheckpointer:
     copy of device memory until it is read: ``snapshot=None`` (auto) turns it on at the first
     save when it fits beside the step's peak memory on every device (``snapshot_shortfall``;
     always on CPU hosts, where the copy goes to that same memory anyway).
-    ``writer=None`` (auto): the process where this run is one process (Orbax's Python, ~1.8 ms
-    per state array, then never holds the loop's GIL), else the thread (Orbax's multi-host
-    commit runs in the JAX processes). A ``low``/``idle`` writer priority lets the write take
-    only the CPU the step leaves idle (a saturated few-core host).
+    ``writer=None`` (auto, what ``from_config`` passes for an unset ``checkpoint_writer``):
+    the process where this run is one process (Orbax's Python, ~1.8 ms per state array, then
+    never holds the loop's GIL), else the thread (Orbax's multi-host commit runs in the JAX
+    processes); the constructor's own default is the thread. A ``low``/``idle`` writer
+    priority lets the write take only the CPU the step leaves idle (a saturated few-core host).
     ``compression``: zstd on the state's chunks (Orbax's default). A freshly initialised state
     (zero moments, zero-init layers) shrinks ~3x, a trained float32 one only ~8-14%, where
     zstd costs up to 3x the writer's CPU; ``False`` trades disk for that CPU.
