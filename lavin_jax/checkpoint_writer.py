@@ -120,7 +120,6 @@ class WriterProcess:
         self._size = -1
         self._send: Connection | None = None
         self._recv: Connection | None = None
-        self._ready = False
 
     @property
     def pid(self) -> int | None:
@@ -156,7 +155,6 @@ class WriterProcess:
         self._send = Connection(cmd_w, readable=False)
         self._recv = Connection(rep_r, writable=False)
         self._size = size
-        self._ready = False
         self._post(self.options)
 
     def stage(self, state: Any) -> tuple[Any, list]:
@@ -186,9 +184,6 @@ class WriterProcess:
         skeleton, specs = staged
         self._post(dict(op="save", step=step, skeleton=skeleton, specs=specs, data=data,
                         config=config, force=force))
-        if not self._ready:
-            self._reply(step)
-            self._ready = True
         return bool(self._reply(step)["written"])
 
     def _post(self, msg: dict) -> None:
@@ -255,7 +250,7 @@ def main(argv: list[str]) -> None:
     ready = threading.Condition()
     threading.Thread(target=_watch, args=(recv, inbox, ready), daemon=True).start()
 
-    import jax  # noqa: F401  (after the priority: the imports run at it too)
+    import jax  # after the priority: the imports run at it too
     import orbax.checkpoint as ocp
 
     from lavin_jax import train_checkpoint
@@ -271,7 +266,6 @@ def main(argv: list[str]) -> None:
         except OSError:  # the parent closed or died: nobody to write for
             os._exit(1)
 
-    reply(dict(ready=True))
     while True:
         with ready:
             ready.wait_for(lambda: inbox)

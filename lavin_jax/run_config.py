@@ -29,18 +29,18 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.sample_every_steps = 0  # 0 = no sample grids
     cfg.keep_checkpoints = 3
     cfg.async_checkpointing = True
-    # CPU priority of the async checkpoint writer (its process or thread): "normal", "low"
-    # (nice 19) or "idle" (SCHED_IDLE): the write takes idle CPU rather than the step's.
-    # Snapshot: copy the state on its devices and let training run on while the save is
-    # issued; None (unset) = whenever the copy fits beside the step's peak device memory
-    # (train_checkpoint).
-    # Compression: zstd on the saved state (Orbax's default; a trained float32 state shrinks
-    # ~8-14%, a fresh one ~3x).
-    cfg.checkpoint_writer_priority = "idle"
     # Who runs Orbax's save: "process" (a child process: its Python never holds the training
     # loop's GIL) or "thread"; None (unset) = the process when the run is one process.
     cfg.checkpoint_writer = ml_collections.config_dict.placeholder(str)
+    # CPU priority of the async checkpoint writer (its process or thread): "normal", "low"
+    # (nice 19) or "idle" (SCHED_IDLE): the write takes idle CPU rather than the step's.
+    cfg.checkpoint_writer_priority = "idle"
+    # Snapshot: copy the state on its devices and let training run on while the save is
+    # issued; None (unset) = whenever the copy fits beside the step's peak device memory
+    # (train_checkpoint).
     cfg.checkpoint_snapshot = ml_collections.config_dict.placeholder(bool)
+    # Compression: zstd on the saved state (Orbax's default; a trained float32 state shrinks
+    # ~8-14%, a fresh one ~3x).
     cfg.checkpoint_compression = True
     # Host malloc: "reuse" keeps freed memory for reuse (XLA:CPU's per-step temporaries are
     # otherwise page-faulted in afresh every step), "system" leaves glibc as it is, "auto" =
