@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -127,21 +128,39 @@ def snapshot_shortfall(need: dict[Any, int]) -> str | None:
     return None
 
 
+def _in_place_registry() -> Any:
+    """Orbax's standard type handlers, numpy arrays written without a deep copy first (Orbax's
+    guard against the caller changing them mid-save); None where Orbax lacks the option."""
+    try:
+        numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+    except TypeError:
+        return None
+    pairs = [(t, numpy if t is np.ndarray else ocp.type_handlers.get_type_handler(t))
+             for t in ocp.type_handlers.supported_types()]
+    return ocp.type_handlers.create_type_handler_registry(*pairs)
+
+
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int, async_save: bool,
-                 compression: bool) -> ocp.CheckpointManager:
+                 compression: bool, in_place: bool = False) -> ocp.CheckpointManager:
     """The run's CheckpointManager (items state, data, config); the writer process makes the
-    same one on the same directory."""
+    same one on the same directory, ``in_place``: host arrays written without Orbax's copy of
+    each (a third to a half of a save's CPU, BENCHMARKS.md) -- only for a caller that leaves
+    them unchanged until the save is committed."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
     )
+    registry = {}
+    if in_place and (r := _in_place_registry()) is not None:
+        registry["type_handler_registry"] = r
     return ocp.CheckpointManager(
         directory,
         # Every item's handler named: a manager that has not saved yet (a resumed run, the
         # writer process's parent) reads their metadata without guessing.
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=compression),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=compression,
+                                                            **registry),
                        "data": DataIteratorHandler(), "config": ocp.JsonCheckpointHandler()},
         options=options,
     )

@@ -194,3 +194,28 @@ def test_trainer_state_round_trip_via_make_manager(tmp_path):
                                          compression=True)
     assert mngr.all_steps() == [1]
     mngr.close()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_in_place_manager_writes_host_arrays_without_copying_them(tmp_path, monkeypatch,
+                                                                   in_place):
+    """The writer process's manager (``in_place``) skips Orbax's deep copy of each numpy array
+    (its buffer is unchanged until the save's reply) and writes the same step."""
+    import copy
+
+    import orbax.checkpoint as ocp
+
+    copied = []
+    deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: (
+        copied.append(x) if isinstance(x, np.ndarray) else None) or deepcopy(x, *a))
+    state = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3),
+             "b": np.ones(4, jnp.bfloat16), "step": np.array(3, np.int32)}
+    mngr = train_checkpoint.make_manager(tmp_path, max_to_keep=2, async_save=False,
+                                         compression=True, in_place=in_place)
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state)))
+    got = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    mngr.close()
+    assert len(copied) == (0 if in_place else 3)
+    for k, v in state.items():
+        assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
