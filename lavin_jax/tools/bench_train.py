@@ -88,7 +88,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
     p.add_argument("--settle", type=int, default=3,
                    help="steps without a save before and after each timed save (its baseline)")
-    p.add_argument("--saves", type=int, default=5, help="checkpoint saves timed")
+    p.add_argument("--saves", type=int, default=8, help="checkpoint saves timed (median)")
     p.add_argument("--max_overlap", type=int, default=50, help="steps timed after a save, at most")
     p.add_argument("--spinner", type=int, default=0, metavar="N",
                    help="N control rounds: a process at the writer's priority that only spins "
