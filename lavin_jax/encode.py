@@ -205,8 +205,19 @@ def from_record(data: bytes, channels: int, patch: int) -> dict[str, Any]:
     return {"cond": cond, "target": target, "query_frames": qf, **meta}
 
 
+def local_dir(path: str | os.PathLike, field: str = "config.data.cache_dir") -> pathlib.Path:
+    """``path`` as a local directory. A URL (``gs://...``) is an error naming ``field``:
+    open-source ArrayRecord (riegeli) opens local files only, so a cache there could be neither
+    written nor read (pathlib would quietly make a local ``gs:`` folder instead)."""
+    if "://" in str(path):
+        raise ValueError(f"{field}={str(path)!r} is a URL, but the latent cache is ArrayRecord "
+                         "files, which open-source ArrayRecord reads and writes on local paths "
+                         "only: use a local disk or a gcsfuse mount of the bucket")
+    return pathlib.Path(path)
+
+
 def cache_files(cache_dir: str | os.PathLike) -> list[str]:
-    d = pathlib.Path(cache_dir)
+    d = local_dir(cache_dir)
     files = sorted(str(p) for p in d.glob("latents-*-of-*.array_record"))
     if not files:
         raise FileNotFoundError(
@@ -216,7 +227,7 @@ def cache_files(cache_dir: str | os.PathLike) -> list[str]:
 
 
 def read_cache_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
-    p = pathlib.Path(cache_dir) / CACHE_META
+    p = local_dir(cache_dir) / CACHE_META
     return json.loads(p.read_text()) if p.exists() else {}
 
 
@@ -233,7 +244,7 @@ def write_cache(cfg, cache_dir: str | os.PathLike, encoder: Callable, num_episod
 
     from lavin_jax.data import pipeline
 
-    cache = pathlib.Path(cache_dir)
+    cache = local_dir(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     data = cfg.data
     sampler, sources, tasks = pipeline.episode_sources(cfg, sources)
@@ -289,7 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_checkpoint is not None:
         cfg.data.vae_checkpoint = args.vae_checkpoint
     n = args.num_episodes or int(cfg.data.cache_episodes)
-    cache_dir = args.cache_dir or cfg.data.get("cache_dir") or os.path.join(args.workdir, "latents")
+    cache_dir, field = args.cache_dir, "--cache_dir"
+    if not cache_dir and cfg.data.get("cache_dir"):
+        cache_dir, field = cfg.data.cache_dir, "config.data.cache_dir"
+    if not cache_dir:
+        cache_dir = os.path.join(args.workdir, "latents")
+        field = "--cache_dir (default WORKDIR/latents)"
+    try:
+        local_dir(cache_dir, field)  # before loading the encoder
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     res = write_cache(cfg, cache_dir, load_encoder(cfg), n, process_index=jax.process_index(),
                       process_count=jax.process_count())
     print(json.dumps({"cache_dir": str(cache_dir), **res}))

@@ -208,6 +208,9 @@ def _check_cache(errors: list[str], d, vae: str) -> None:
     for cache in dirs:
         try:
             cache_files(cache)
+        except ValueError as e:  # a URL
+            errors.append(str(e))
+            continue
         except FileNotFoundError:
             errors.append(f"config.data.cache_dir={cache!r} holds no latent cache yet: build it "
                           f"with `python -m lavin_jax.encode --config=... --cache_dir={cache}` "

@@ -373,3 +373,19 @@ def test_jit_step_donates_and_keeps_shardings():
     assert new["opt"]["model"][1][0].mu["blocks"]["x"]["up"]["kernel"].sharding.spec == \
         kernel.sharding.spec
     assert jnp.issubdtype(new["step"].dtype, jnp.integer)
+
+
+def test_latent_cache_must_be_local(tmp_path, capsys):
+    """ArrayRecord opens local files only: a gs:// cache is one clear line in the config check
+    and in the cache job (before its encoder loads), not a local 'gs:' folder."""
+    from lavin_jax import encode
+
+    cfg = _episodes_config(tmp_path)
+    cfg.data.update(mode="cache", vae_checkpoint="", cache_dir="gs://bucket/latents")
+    (line,) = _problems(cfg)
+    assert line.startswith("config.data.cache_dir='gs://bucket/latents' is a URL") and (
+        "gcsfuse" in line), line
+    with pytest.raises(SystemExit, match=r"--cache_dir='gs://b/latents' is a URL"):
+        encode.main(["--config", "configs/lavin_dit.py:demo", "--workdir", str(tmp_path),
+                     "--cache_dir", "gs://b/latents", "--vae_checkpoint", "/nonexistent"])
+    assert not (tmp_path / "gs:").exists()
