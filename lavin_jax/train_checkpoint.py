@@ -130,14 +130,16 @@ def snapshot_shortfall(need: dict[Any, int]) -> str | None:
 
 def _in_place_registry() -> Any:
     """Orbax's standard type handlers, numpy arrays written without a deep copy first (Orbax's
-    guard against the caller changing them mid-save); None where Orbax lacks the option."""
+    guard against the caller changing them mid-save); None where this Orbax lacks the option
+    or the registry API (the default registry then copies, as before)."""
+    th = ocp.type_handlers
     try:
-        numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-    except TypeError:
+        numpy = th.NumpyHandler(deepcopy_host_arrays=False)
+        return th.create_type_handler_registry(*[
+            (t, numpy if t is np.ndarray else th.get_type_handler(t))
+            for t in th.supported_types()])
+    except (TypeError, AttributeError, ValueError):
         return None
-    pairs = [(t, numpy if t is np.ndarray else ocp.type_handlers.get_type_handler(t))
-             for t in ocp.type_handlers.supported_types()]
-    return ocp.type_handlers.create_type_handler_registry(*pairs)
 
 
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int, async_save: bool,
