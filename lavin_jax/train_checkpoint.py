@@ -145,8 +145,8 @@ def _in_place_registry() -> Any:
 def make_manager(directory: str | os.PathLike, *, max_to_keep: int, async_save: bool,
                  compression: bool, in_place: bool = False) -> ocp.CheckpointManager:
     """The run's CheckpointManager (items state, data, config); the writer process makes the
-    same one on the same directory, ``in_place``: host arrays written without Orbax's copy of
-    each (a third to a half of a save's CPU, BENCHMARKS.md) -- only for a caller that leaves
+    same one on the same directory with ``in_place``: host arrays written without Orbax's copy
+    of each (17-40% of an isolated save's CPU, BENCHMARKS.md), only for a caller that leaves
     them unchanged until the save is committed."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
