@@ -255,8 +255,7 @@ def main(argv: list[str]) -> None:
 
     from lavin_jax import train_checkpoint
 
-    # in_place: no deep copy of each array before writing it (Orbax's guard against the caller
-    # changing it mid-save); the parent rewrites the buffer only after this save's reply.
+    # in_place (make_manager): the parent rewrites the buffer only after this save's reply.
     manager = train_checkpoint.make_manager(
         options["directory"], max_to_keep=options["max_to_keep"], async_save=False,
         compression=options["compression"], in_place=True)
