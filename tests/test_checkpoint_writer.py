@@ -219,3 +219,29 @@ def test_in_place_manager_writes_host_arrays_without_copying_them(tmp_path, monk
     assert len(copied) == (0 if in_place else 3)
     for k, v in state.items():
         assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+
+
+@pytest.mark.parametrize("pinned", [None, True])
+def test_host_copies_pinned_or_pageable(tmp_path, monkeypatch, pinned):
+    """The stager's device-to-host copies: pageable in place on CPU devices (auto), or the
+    GPU path (forced here: CPU devices have a pinned_host memory too) to ``pinned_host`` with
+    each array's own sharding; either way the written step restores bit-exact."""
+    state = _state()
+    leaves = jax.tree.leaves(state) + [np.arange(3)]
+    got = checkpoint_writer.host_copies(leaves, pinned=pinned)
+    for a, b in zip(leaves, got):
+        if not isinstance(a, jax.Array):
+            assert b is a
+        elif pinned:
+            assert b.sharding == a.sharding.with_memory_kind("pinned_host")
+        else:
+            assert b is a
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    real = checkpoint_writer.host_copies
+    monkeypatch.setattr(checkpoint_writer, "host_copies", lambda x: real(x, pinned=pinned))
+    ck = RunCheckpointer(str(tmp_path), writer="process", snapshot=False)
+    ck.save(1, state, None, CFG)
+    restored = ck.restore(1, _abstract(state), None)
+    ck.close()
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored),
+                 jax.tree.map(np.asarray, state))
