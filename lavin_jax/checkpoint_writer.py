@@ -111,9 +111,11 @@ def host_copies(leaves: list[Any], pinned: bool | None = None) -> list[Any]:
     ``pinned`` (None: on GPUs, as Orbax's own GPU saves do) sends the copies to the devices'
     ``pinned_host`` memory in one batched ``device_put``, DMA the GPU runs beside the step's
     kernels; otherwise ``copy_to_host_async`` into pageable memory, which the driver stages
-    through a bounce buffer. Why: on an H200 the 0.1b's 1.6 GB state cost its device-bound
-    loop 19% in flight with pageable copies here, 3.4-4.7% with Orbax's pinned ones in a
-    thread (BENCHMARKS.md, sessions 9 and 12).
+    through a bounce buffer with the host's CPU (~2.7 GB/s, jax-ml/jax#21438). Why: on an
+    H200 the 0.1b's 1.6 GB state cost its device-bound loop 19% in flight with pageable
+    copies here, 3.4-4.7% with Orbax's pinned ones in a thread (BENCHMARKS.md, sessions 9 and
+    12). Cost: JAX's pinned-host pool keeps about a state's bytes of host memory after the
+    first save (as with Orbax's thread writer).
     """
     import jax
 
