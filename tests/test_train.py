@@ -319,24 +319,33 @@ def test_init_from_loads_params_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_rerun_matches_uninterrupted(tmp_path):
-    """kill -9 mid-run (also possibly mid-save), rerun the same command: identical params."""
+def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted(tmp_path):
+    """kill -9 mid-run (also possibly mid-save), rerun the same command: identical params.
+    A SIGTERM (preemption notice) mid-run: the step it lands in is checkpointed, the run exits
+    cleanly, and the rerun ends identical too."""
     script = (
-        "import sys, numpy as np, jax; sys.path[:0] = [{repo!r}, {tests!r}];"
-        "from test_train import tiny_config; from lavin_jax import train;"
-        "cfg = tiny_config(8); cfg.checkpoint_every_steps = 1;"
+        "import os, signal, sys, numpy as np, jax; sys.path[:0] = [{repo!r}, {tests!r}];"
+        "from test_train import tiny_config; from lavin_jax import sharding, train;"
+        "cfg = tiny_config(8); cfg.checkpoint_every_steps = int(sys.argv[3]);"
+        "term_at = int(sys.argv[4]); shard = sharding.shard_batch; calls = [];"
+        # The SIGTERM is real, sent from inside at a known step so the test is deterministic.
+        "sharding.shard_batch = lambda *a: (calls.append(1), len(calls) == term_at and "
+        "os.kill(os.getpid(), signal.SIGTERM), shard(*a))[-1];"
         "r = train.train(cfg, sys.argv[1]);"
-        "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(r['state']['params'])])"
+        "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(r['state']['params'])]);"
+        "print('STEP', r['step'])"
     ).format(repo=REPO, tests=os.path.join(REPO, "tests"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
 
-    def run(workdir, out, kill_after_ckpt=None):
-        p = subprocess.Popen([sys.executable, "-c", script, str(workdir), str(out)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def run(workdir, out, kill_after_ckpt=None, every=1, term_at=0):
+        p = subprocess.Popen([sys.executable, "-c", script, str(workdir), str(out), str(every),
+                              str(term_at)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
         if kill_after_ckpt is None:
-            assert p.wait(timeout=900) == 0
-            return
+            stdout, _ = p.communicate(timeout=900)
+            assert p.returncode == 0
+            return int(stdout.split("STEP")[-1])
         ckpts = workdir / "checkpoints"
         deadline = time.time() + 900
         while time.time() < deadline and p.poll() is None:
@@ -347,13 +356,21 @@ def test_sigkill_at_any_moment_then_rerun_matches_uninterrupted(tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
 
-    run(tmp_path / "a", tmp_path / "a.npz")
+    def same(x, y):
+        a, b = np.load(x), np.load(y)
+        assert len(a.files) == len(b.files) > 0
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+
+    assert run(tmp_path / "a", tmp_path / "a.npz") == 8
     run(tmp_path / "b", tmp_path / "b.npz", kill_after_ckpt=3)
-    run(tmp_path / "b", tmp_path / "b.npz")
-    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
-    assert len(a.files) == len(b.files) > 0
-    for k in a.files:
-        np.testing.assert_array_equal(a[k], b[k])
+    assert run(tmp_path / "b", tmp_path / "b.npz") == 8
+    same(tmp_path / "a.npz", tmp_path / "b.npz")
+    # No periodic saves: the preemption save is the only checkpoint before the rerun.
+    assert run(tmp_path / "c", tmp_path / "c.npz", every=100, term_at=4) == 4
+    assert sorted(os.listdir(tmp_path / "c" / "checkpoints")) == ["4"]
+    assert run(tmp_path / "c", tmp_path / "c.npz", every=100) == 8
+    same(tmp_path / "a.npz", tmp_path / "c.npz")
 
 
 def test_jit_step_donates_and_keeps_shardings():
