@@ -52,11 +52,16 @@ def init_distributed(address: str | None, num: int | None, pid: int | None) -> N
 
 
 class Preemption:
-    """SIGTERM (local) or the multi-host preemption sync point asks for a save-and-exit."""
+    """SIGTERM asks for a save-and-exit: in a one-process run at the next step; across
+    processes at JAX's preemption sync point (the coordination service's own SIGTERM notifier
+    tells every process, and they agree on one step). No Python handler there: it would
+    replace that notifier, and a process stopping on its own to save while the others step
+    on deadlocks both in their collectives."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum, frame):
         log.warning("SIGTERM received: checkpointing at the next step and exiting")

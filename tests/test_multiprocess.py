@@ -8,9 +8,11 @@ train binary's own flags (--coordinator_address / --num_processes / --process_id
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +128,49 @@ def test_two_processes_match_one_and_resume(tmp_path):
     cfg.data_restore = False
     out = train.train(cfg, str(mp))
     assert out["step"] == 6 and int(out["state"]["step"]) == 6
+
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_one_step_everywhere_and_resumes(tmp_path):
+    """A preemption notice (SIGTERM) to one of two processes: both stop at the same step
+    (JAX's preemption sync point), write it together and exit 0; the same command resumes."""
+    wd = tmp_path / "run"
+
+    def argvs(steps: int) -> list[list[str]]:
+        port = _free_port()
+        return [[sys.executable, "-m", "lavin_jax.train",
+                 f"--config={REPO}/tests/tiny_run_config.py:{steps}",
+                 "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
+                 f"--workdir={wd}", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}"] for i in range(2)]
+
+    logs = [tmp_path / f"p{i}.log" for i in range(2)]
+    procs = []
+    for argv, log in zip(argvs(1000), logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=_env(4), stdout=f,
+                                          stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while "model/loss" not in logs[1].read_text() and time.time() < deadline:
+            assert procs[1].poll() is None, logs[1].read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    steps = os.listdir(wd / "checkpoints")
+    assert len(steps) == 1 and 0 < int(steps[0]) < 1000, steps
+    for log in logs:
+        assert f"preempted at step {steps[0]}" in log.read_text()
+    stop = int(steps[0])
+    _launch(argvs(stop + 2), [str(tmp_path / f"r{i}.log") for i in range(2)], devices=4)
+    assert "resuming from" in (tmp_path / "r0.log").read_text()
+    assert sorted(os.listdir(wd / "checkpoints"), key=int)[-1] == str(stop + 2)
 
 
 _GLOBAL_BATCH = """
