@@ -406,3 +406,34 @@ def test_latent_cache_must_be_local(tmp_path):
         encode.main(["--config", "configs/lavin_dit.py:demo", "--workdir", str(tmp_path),
                      "--cache_dir", "gs://b/latents", "--vae_checkpoint", "/nonexistent"])
     assert not os.path.exists("gs:")  # where pathlib would have put it (cwd)
+
+
+@pytest.mark.slow
+def test_vae_resume_across_the_gan_start_is_bit_exact(tmp_path):
+    """The VAE objective (two optimizers, the discriminator, the GAN phase switched on by the
+    step) resumes bit-exactly: 4 steps in one run == 2 + 2, with disc_start inside the second
+    half, so the resumed run starts the GAN phase itself."""
+    from configs import stvae
+
+    def cfg(steps):
+        c = stvae.get_config("demo")
+        c.model.update(block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=4,
+                       spatial_norm_groups=4)
+        c.objective.disc.channels = 8
+        c.objective.disc_start = 3
+        c.data = ml_collections.ConfigDict(dict(kind="synthetic", global_batch=8,
+                                                image_size=32, frames=1, seed=0))
+        c.update(total_steps=steps, checkpoint_every_steps=2, log_every_steps=1,
+                 eval_every_steps=0, sample_every_steps=0)
+        return c
+
+    full = train.train(cfg(4), str(tmp_path / "full"))
+    assert train.train(cfg(2), str(tmp_path / "split"))["step"] == 2
+    resumed = train.train(cfg(4), str(tmp_path / "split"))
+    losses = dict(full["history"])
+    assert losses[2]["disc/loss"] == 0 and losses[4]["disc/loss"] != 0  # the GAN phase ran
+    step4 = dict(resumed["history"])[4]
+    assert {k: v for k, v in step4.items() if "/" in k} == {
+        k: v for k, v in losses[4].items() if "/" in k}  # every loss term, exactly
+    host = lambda s: jax.tree.map(np.asarray, jax.device_get(s))  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, host(full["state"]), host(resumed["state"]))
