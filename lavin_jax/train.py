@@ -56,12 +56,22 @@ class Preemption:
     processes at JAX's preemption sync point (the coordination service's own SIGTERM notifier
     tells every process, and they agree on one step). No Python handler there: it would
     replace that notifier, and a process stopping on its own to save while the others step
-    on deadlocks both in their collectives."""
+    on deadlocks both in their collectives. A context: on exit the previous handler is back
+    (the demo runs more after its training stages, and a SIGTERM must stop that too)."""
 
     def __init__(self):
         self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._handler)
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _handler(self, signum, frame):
         log.warning("SIGTERM received: checkpointing at the next step and exiting")
@@ -129,11 +139,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from lavin_jax.eval_periodic import PeriodicEval  # None unless a J-DiT run can be decoded
 
     periodic_eval = PeriodicEval.create(cfg, workdir, writer)
-    preemption = Preemption()
     tokens_fn = getattr(objective, "tokens_per_batch", None)
     t_last, steps_last, tokens_acc, metrics, history = time.time(), step, 0, {}, []
 
-    with sharding.use_rules(mesh, rules), frozen_heap():
+    with sharding.use_rules(mesh, rules), frozen_heap(), Preemption() as preemption:
         while step < cfg.total_steps:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 global_batch = sharding.shard_batch(batch, mesh, rules)

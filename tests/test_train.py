@@ -39,7 +39,9 @@ def test_resume_is_bit_exact_and_lr_is_logged(tmp_path):
 
     full_cfg = cfg(4)
     full_cfg.log_every_steps = 1
+    sigterm = signal.getsignal(signal.SIGTERM)
     full = train.train(full_cfg, str(tmp_path / "full"))
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # the loop's handler is gone with it
     half = train.train(cfg(2), str(tmp_path / "split"))
     assert half["step"] == 2
     resumed = train.train(cfg(4), str(tmp_path / "split"))
