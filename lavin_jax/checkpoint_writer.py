@@ -112,8 +112,8 @@ def host_copies(leaves: list[Any], pinned: bool | None = None) -> list[Any]:
     ``pinned_host`` memory in one batched ``device_put``, DMA the GPU runs beside the step's
     kernels; otherwise ``copy_to_host_async`` into pageable memory, which the driver stages
     through a bounce buffer with the host's CPU (~2.7 GB/s, jax-ml/jax#21438). Why: on an
-    H200 the 0.1b's 1.6 GB state cost its device-bound loop 19% in flight with pageable
-    copies here, 3.4-4.7% with Orbax's pinned ones in a thread (BENCHMARKS.md, sessions 9 and
+    H200 a save of the 0.1b's 1.6 GB state slowed its device-bound steps 19.7% in flight with
+    pageable copies, 1.2% with pinned ones (the thread writer: 4.8%; BENCHMARKS.md, session
     12). Cost: JAX's pinned-host pool keeps about a state's bytes of host memory after the
     first save (as with Orbax's thread writer).
     """
