@@ -44,13 +44,18 @@ def _env(devices: int) -> dict[str, str]:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _launch(argvs: list[list[str]], logs: list[str], devices: int) -> None:
-    """Runs the commands at once (one per process); asserts they all exit 0."""
+def _spawn(argvs: list[list[str]], logs: list[str], devices: int) -> list[subprocess.Popen]:
+    """Starts the commands at once (one per process), each writing its log."""
     procs = []
     for argv, log in zip(argvs, logs):
         with open(log, "w") as f:
             procs.append(subprocess.Popen(argv, cwd=REPO, env=_env(devices), stdout=f,
                                           stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], logs: list[str]) -> None:
+    """Waits for every process (killing the rest on a timeout); asserts they all exit 0."""
     try:
         codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     finally:
@@ -62,6 +67,11 @@ def _launch(argvs: list[list[str]], logs: list[str], devices: int) -> None:
             with open(log) as f:
                 tail = f.read()[-3000:]
             raise AssertionError(f"{log}: exit {code}\n{tail}")
+
+
+def _launch(argvs: list[list[str]], logs: list[str], devices: int) -> None:
+    """Runs the commands at once (one per process); asserts they all exit 0."""
+    _wait(_spawn(argvs, logs, devices), logs)
 
 
 def _train_2proc(workdir, steps: int, tag: str) -> list[str]:
@@ -146,23 +156,14 @@ def test_sigterm_to_one_process_saves_one_step_everywhere_and_resumes(tmp_path):
                  "--num_processes=2", f"--process_id={i}"] for i in range(2)]
 
     logs = [tmp_path / f"p{i}.log" for i in range(2)]
-    procs = []
-    for argv, log in zip(argvs(1000), logs):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(argv, cwd=REPO, env=_env(4), stdout=f,
-                                          stderr=subprocess.STDOUT))
-    try:
-        deadline = time.time() + TIMEOUT_S
-        while "model/loss" not in logs[1].read_text() and time.time() < deadline:
-            assert procs[1].poll() is None, logs[1].read_text()[-3000:]
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+    procs = _spawn(argvs(1000), logs, devices=4)
+    deadline = time.time() + TIMEOUT_S
+    while "model/loss" not in logs[1].read_text() and time.time() < deadline:
+        if procs[1].poll() is not None:
+            break  # _wait reports its exit and log
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    _wait(procs, logs)
     steps = os.listdir(wd / "checkpoints")
     assert len(steps) == 1 and 0 < int(steps[0]) < 1000, steps
     for log in logs:

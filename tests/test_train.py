@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -325,18 +326,26 @@ def test_sigkill_or_sigterm_then_rerun_matches_uninterrupted(tmp_path):
     """kill -9 mid-run (also possibly mid-save), rerun the same command: identical params.
     A SIGTERM (preemption notice) mid-run: the step it lands in is checkpointed, the run exits
     cleanly, and the rerun ends identical too."""
-    script = (
-        "import os, signal, sys, numpy as np, jax; sys.path[:0] = [{repo!r}, {tests!r}];"
-        "from test_train import tiny_config; from lavin_jax import sharding, train;"
-        "cfg = tiny_config(8); cfg.checkpoint_every_steps = int(sys.argv[3]);"
-        "term_at = int(sys.argv[4]); shard = sharding.shard_batch; calls = [];"
-        # The SIGTERM is real, sent from inside at a known step so the test is deterministic.
-        "sharding.shard_batch = lambda *a: (calls.append(1), len(calls) == term_at and "
-        "os.kill(os.getpid(), signal.SIGTERM), shard(*a))[-1];"
-        "r = train.train(cfg, sys.argv[1]);"
-        "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(r['state']['params'])]);"
-        "print('STEP', r['step'])"
-    ).format(repo=REPO, tests=os.path.join(REPO, "tests"))
+    script = textwrap.dedent("""
+        import os, signal, sys, numpy as np, jax
+        sys.path[:0] = [{repo!r}, {tests!r}]
+        from test_train import tiny_config
+        from lavin_jax import sharding, train
+        cfg = tiny_config(8)
+        cfg.checkpoint_every_steps = int(sys.argv[3])
+        term_at, shard, calls = int(sys.argv[4]), sharding.shard_batch, []
+
+        def shard_and_maybe_term(*a):  # a real SIGTERM, sent from inside at a known step
+            calls.append(1)
+            if len(calls) == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return shard(*a)
+
+        sharding.shard_batch = shard_and_maybe_term
+        r = train.train(cfg, sys.argv[1])
+        np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(r["state"]["params"])])
+        print("STEP", r["step"])
+    """).format(repo=REPO, tests=os.path.join(REPO, "tests"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
 
